@@ -1,0 +1,57 @@
+"""The size report: rows, totals, compressed leaves counted as stored, the table."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcomp import report
+from jaxcomp.testing import nnx_models
+from leaves import make_scaled_int
+
+
+def test_rows_and_totals_of_a_plain_tree():
+    params = {"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3, jnp.bfloat16)}}
+    r = report(params)
+    assert [row.path for row in r.rows] == ["Dense_0/bias", "Dense_0/kernel"]
+    bias, kernel = r.rows
+    assert (bias.shape, bias.dtype, bias.params, bias.nbytes) == ((3,), "bfloat16", 3, 6)
+    assert (kernel.shape, kernel.params, kernel.nbytes) == ((4, 3), 12, 48)
+    assert r.totals.params == 15 and r.totals.nbytes == 54
+    assert r.totals.compression_ratio == 1.0
+    assert kernel.bits_per_param == 32.0
+
+
+def test_compressed_leaf_counts_what_it_stores():
+    leaf = make_scaled_int((8, 4), dtype=jnp.int4)
+    r = report({"q": leaf, "w": jnp.zeros(4)})
+    q = r.rows[0]
+    assert q.kind == "ScaledInt" and q.shape == (8, 4) and q.dtype == "float32"
+    assert q.params == 32 and q.nbytes == 16 + 32 and q.dense_nbytes == 128
+    assert r.totals.nbytes == 48 + 16 and r.totals.dense_nbytes == 128 + 16
+    assert abs(r.totals.compression_ratio - 144 / 64) < 1e-12
+    assert "int4" in q.detail
+
+
+def test_table_shows_every_path_and_the_totals():
+    r = report({"a": {"kernel": jnp.zeros((2, 2))}, "q": make_scaled_int()})
+    text = str(r)
+    assert "a/kernel" in text and "ScaledInt" in text
+    assert text.splitlines()[-1].startswith("total")
+    assert "smaller than dense" in text
+
+
+def test_abstract_arrays_and_where():
+    abstract = jax.eval_shape(lambda: {"k": jnp.zeros((10, 10)), "b": jnp.zeros(10)})
+    r = report(abstract, where=r"k")
+    assert [row.path for row in r.rows] == ["k"] and r.totals.nbytes == 400
+
+
+def test_nnx_state_and_json():
+    model = nnx_models.LeNet5(input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+    r = report(nnx.state(model, nnx.Param))
+    assert r.totals.params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    data = json.loads(r.to_json())
+    assert data["totals"]["params"] == r.totals.params
+    assert data["rows"][0]["path"] == "convs/0/bias"
