@@ -22,6 +22,7 @@ from jaxcomp.core import (
     static_field,
     stored_nbytes,
 )
+from jaxcomp.flops import FlopCount, count_flops
 from jaxcomp.report import Report, ReportRow, ReportTotals, report
 from jaxcomp.tree import (
     Where,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressedLeaf",
+    "FlopCount",
     "Report",
     "ReportRow",
     "ReportTotals",
@@ -46,6 +48,7 @@ __all__ = [
     "assert_same_structure",
     "bit_width",
     "compressed_leaf",
+    "count_flops",
     "is_compressed",
     "key_path_str",
     "leaves_with_paths",

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxcomp.core import bit_width, is_compressed, stored_nbytes
+from jaxcomp.flops import FlopCount
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
 __all__ = ["Report", "ReportRow", "ReportTotals", "report"]
@@ -34,6 +37,8 @@ class ReportRow:
       nbytes: bytes the leaf stores.
       dense_nbytes: bytes of the dense array.
       detail: the compressed leaf's one-line `summary()` (empty for plain arrays).
+      sparsity: fraction of exact zeros in the dense array (None for abstract arrays).
+      flops: FLOPs charged to this leaf by `jaxcomp.count_flops` (None when not given).
     """
 
     path: str
@@ -44,6 +49,8 @@ class ReportRow:
     nbytes: int
     dense_nbytes: int
     detail: str = ""
+    sparsity: float | None = None
+    flops: int | None = None
 
     @property
     def bits_per_param(self) -> float:
@@ -58,6 +65,13 @@ class ReportTotals:
     params: int
     nbytes: int
     dense_nbytes: int
+    zeros: int | None = None
+    flops: int | None = None
+
+    @property
+    def sparsity(self) -> float | None:
+        """Fraction of exact zeros over all dense elements (None if any leaf is abstract)."""
+        return None if self.zeros is None or not self.params else self.zeros / self.params
 
     @property
     def compression_ratio(self) -> float:
@@ -78,12 +92,17 @@ class Report:
 
     rows: tuple[ReportRow, ...]
 
+    flops_total: int | None = None
+
     @property
     def totals(self) -> ReportTotals:
+        known = all(r.sparsity is not None for r in self.rows)
         return ReportTotals(
             params=sum(r.params for r in self.rows),
             nbytes=sum(r.nbytes for r in self.rows),
             dense_nbytes=sum(r.dense_nbytes for r in self.rows),
+            zeros=sum(round(r.sparsity * r.params) for r in self.rows) if known else None,
+            flops=self.flops_total,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +116,7 @@ class Report:
                 **dataclasses.asdict(totals),
                 "compression_ratio": totals.compression_ratio,
                 "bits_per_param": totals.bits_per_param,
+                "sparsity": totals.sparsity,
             },
         }
 
@@ -104,9 +124,17 @@ class Report:
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
-        header = ("path", "kind", "shape", "dtype", "params", "bytes", "bits/param", "detail")
-        lines = [
-            (
+        show_flops = self.flops_total is not None
+        header = ["path", "kind", "shape", "dtype", "params", "bytes", "bits/param", "zeros"]
+        header += ["FLOPs"] if show_flops else []
+        header += ["detail"]
+
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.1f}%"
+
+        lines = []
+        for r in self.rows:
+            line = [
                 r.path,
                 r.kind,
                 "x".join(map(str, r.shape)) or "scalar",
@@ -114,23 +142,20 @@ class Report:
                 f"{r.params:,}",
                 _human_bytes(r.nbytes),
                 f"{r.bits_per_param:.2f}",
-                r.detail,
-            )
-            for r in self.rows
-        ]
+                pct(r.sparsity),
+            ]
+            line += [f"{r.flops:,}" if r.flops else "-"] if show_flops else []
+            lines.append((*line, r.detail))
         t = self.totals
-        total = (
-            "total",
-            "",
-            "",
-            "",
-            f"{t.params:,}",
-            _human_bytes(t.nbytes),
-            f"{t.bits_per_param:.2f}",
-            f"{t.compression_ratio:.2f}x smaller than dense ({_human_bytes(t.dense_nbytes)})",
+        total = ["total", "", "", "", f"{t.params:,}", _human_bytes(t.nbytes),
+                 f"{t.bits_per_param:.2f}", pct(t.sparsity)]
+        total += [f"{t.flops:,}"] if show_flops else []
+        total.append(
+            f"{t.compression_ratio:.2f}x smaller than dense ({_human_bytes(t.dense_nbytes)})"
         )
-        widths = [max(len(row[i]) for row in [header, total, *lines]) for i in range(len(header))]
-        numeric = {4, 5, 6}
+        rows = [tuple(header), tuple(total), *lines]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        numeric = {4, 5, 6, 7, 8} if show_flops else {4, 5, 6, 7}
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
@@ -138,8 +163,8 @@ class Report:
             ]
             return "  ".join(cells).rstrip()
 
-        rule = "-" * len(fmt(header))
-        return "\n".join([fmt(header), rule, *map(fmt, lines), rule, fmt(total)])
+        rule = "-" * len(fmt(tuple(header)))
+        return "\n".join([fmt(tuple(header)), rule, *map(fmt, lines), rule, fmt(tuple(total))])
 
 
 def _human_bytes(n: int) -> str:
@@ -150,7 +175,19 @@ def _human_bytes(n: int) -> str:
     return f"{n / 1024**2:.2f} MiB"
 
 
-def _row(path: str, leaf: Any) -> ReportRow:
+def _zeros_fraction(leaf: Any) -> float | None:
+    try:
+        dense = leaf.materialize() if is_compressed(leaf) else leaf
+        if not isinstance(dense, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+            return None  # abstract (ShapeDtypeStruct): no values to count
+        array = np.asarray(jax.device_get(dense))
+    except (TypeError, AttributeError, jax.errors.TracerArrayConversionError):
+        return None  # abstract or traced children
+    return float((array == 0).mean()) if array.size else 0.0
+
+
+def _row(path: str, leaf: Any, flops: int | None) -> ReportRow:
+    sparsity = _zeros_fraction(leaf)
     if is_compressed(leaf):
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
         return ReportRow(
@@ -162,6 +199,8 @@ def _row(path: str, leaf: Any) -> ReportRow:
             nbytes=leaf.nbytes,
             dense_nbytes=-(-math.prod(shape) * bit_width(dtype) // 8),
             detail=leaf.summary(),
+            sparsity=sparsity,
+            flops=flops,
         )
     shape = tuple(np.shape(leaf))
     dtype = np.dtype(getattr(leaf, "dtype", None) or np.asarray(leaf).dtype)
@@ -174,31 +213,43 @@ def _row(path: str, leaf: Any) -> ReportRow:
         params=math.prod(shape),
         nbytes=nbytes,
         dense_nbytes=nbytes,
+        sparsity=sparsity,
+        flops=flops,
     )
 
 
-def report(tree: Any, *, where: Where = None) -> Report:
-    """Size report of `tree`: one row per leaf (path, kind, shape, dtype, params, bytes) + totals.
+def report(
+    tree: Any, *, where: Where = None, flops: FlopCount | Mapping[str, int] | None = None
+) -> Report:
+    """Size report of `tree`: one row per leaf (path, kind, shape, dtype, params, bytes, zeros)
+    and totals.
 
     Works on concrete arrays and on abstract ones (`jax.ShapeDtypeStruct`, e.g. from
-    `jax.eval_shape`), on Linen params, NNX `State` and nested containers. Call it outside `jit`.
+    `jax.eval_shape`; their sparsity is unknown), on Linen params, NNX `State` and nested
+    containers. Call it outside `jit`.
 
     Args:
       tree: a tree of arrays and compressed leaves.
       where: restrict the report to the selected leaves (see `jaxcomp.tree.select`).
+      flops: per-path FLOPs to show, usually `jaxcomp.count_flops(apply_fn, tree, x)`; the total
+        includes FLOPs of unselected leaves and of activation products.
 
     Returns:
       A `Report`; `print(report)` shows a table, `report.totals` the sums.
 
     Example:
         >>> r = report({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})
-        >>> r.totals.params, r.totals.nbytes
-        (15, 60)
+        >>> r.totals.params, r.totals.nbytes, r.totals.sparsity
+        (15, 60, 1.0)
     """
     keep = None if where is None else set(selected_paths(tree, where))
+    per_path = dict(getattr(flops, "per_path", flops) or {})
     rows = tuple(
-        _row(path, leaf)
+        _row(path, leaf, per_path.get(path) if flops is not None else None)
         for path, leaf in leaves_with_paths(tree)
         if keep is None or path in keep
     )
-    return Report(rows=rows)
+    total = None
+    if flops is not None:
+        total = flops.total if isinstance(flops, FlopCount) else sum(per_path.values())
+    return Report(rows=rows, flops_total=total)

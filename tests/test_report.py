@@ -55,3 +55,12 @@ def test_nnx_state_and_json():
     data = json.loads(r.to_json())
     assert data["totals"]["params"] == r.totals.params
     assert data["rows"][0]["path"] == "convs/0/bias"
+
+
+def test_sparsity_counts_exact_zeros_and_is_unknown_for_abstract_trees():
+    params = {"w": jnp.ones((4, 5)).at[:2].set(0.0), "b": jnp.zeros(5)}
+    r = report(params)
+    assert [row.sparsity for row in r.rows] == [1.0, 0.5]
+    assert r.totals.sparsity == 15 / 25
+    abstract = report(jax.eval_shape(lambda: params))
+    assert abstract.rows[0].sparsity is None and abstract.totals.sparsity is None

@@ -1,0 +1,92 @@
+"""FLOP counts from the jaxpr: hand-computed totals, attribution to parameter paths."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxcomp import count_flops, report
+from jaxcomp.flops import ACTIVATIONS
+from jaxcomp.testing import models
+from leaves import make_scaled_int
+
+X = jnp.zeros((2, 8, 8, 1))
+
+
+def _linen_flops(model, x=X):
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return count_flops(lambda p, x: model.apply({"params": p, **rest}, x), variables["params"], x)
+
+
+def test_lenet5_matches_the_hand_count():
+    count = _linen_flops(models.LeNet5())
+    # 2 * output elements * window * input channels for convs; 2 * batch * in * out for dense.
+    assert count.per_path == {
+        "Conv_0/kernel": 2 * (2 * 8 * 8 * 6) * 25 * 1,
+        "Conv_1/kernel": 2 * (2 * 4 * 4 * 16) * 25 * 6,
+        "Dense_0/kernel": 2 * 2 * 64 * 120,
+        "Dense_1/kernel": 2 * 2 * 120 * 84,
+        "Dense_2/kernel": 2 * 2 * 84 * 10,
+    }
+    assert count.total == sum(count.per_path.values())
+
+
+def test_attention_scores_count_as_activations():
+    count = _linen_flops(models.TransformerEncoder(d_model=16, num_heads=2, mlp_dim=32))
+    tokens, d = 8, 16
+    assert count["attention/query/kernel"] == 2 * 2 * tokens * d * d
+    # q @ k^T and weights @ v: 2 * batch * heads * tokens * tokens * head_dim each.
+    assert count[ACTIVATIONS] == 2 * (2 * 2 * 2 * tokens * tokens * 8)
+
+
+def test_strided_and_grouped_convolutions():
+    def conv(p, x):
+        y = jax.lax.conv_general_dilated(x, p["k"], (2, 2), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(y, p["dw"], (1, 1), "SAME", feature_group_count=4,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    params = {"k": jnp.zeros((3, 3, 1, 4)), "dw": jnp.zeros((3, 3, 1, 4))}
+    count = count_flops(conv, params, X)
+    assert count["k"] == 2 * (2 * 4 * 4 * 4) * 9 * 1
+    assert count["dw"] == 2 * (2 * 4 * 4 * 4) * 9 * 1  # depthwise: one input channel per group
+
+
+def test_a_compressed_leaf_materialized_inside_the_forward_is_charged_to_its_path():
+    params = {"q": make_scaled_int((4, 3)), "b": jnp.zeros(3)}
+
+    def apply(p, x):
+        return x @ p["q"].materialize() + p["b"]
+
+    assert count_flops(apply, params, jnp.ones((5, 4))).per_path == {"q": 2 * 5 * 4 * 3}
+
+
+def test_weight_only_products_are_charged_to_every_factor():
+    params = {"u": jnp.ones((6, 2)), "v": jnp.ones((2, 5))}
+    count = count_flops(lambda p, x: x @ (p["u"] @ p["v"]), params, jnp.ones((3, 6)))
+    # u @ v: 2*6*2*5 = 120 shared by both factors; x @ w: 2*3*6*5 = 180 shared too.
+    assert count.total == 300 and count["u"] + count["v"] == 300
+
+
+def test_scan_multiplies_by_its_length():
+    params = {"w": jnp.ones((4, 4))}
+
+    def apply(p, x):
+        return jax.lax.scan(lambda c, _: (c @ p["w"], None), x, None, length=3)[0]
+
+    assert count_flops(apply, params, jnp.ones((2, 4)))["w"] == 3 * 2 * 2 * 4 * 4
+
+
+def test_report_shows_flops_and_totals():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    count = count_flops(lambda p, x: x @ p["w"] + p["b"], params, jnp.ones((2, 4)))
+    r = report(params, flops=count)
+    assert [row.flops for row in r.rows] == [None, 48]
+    assert r.totals.flops == 48 and "FLOPs" in str(r)
+
+
+def test_mismatched_inputs_are_explained():
+    with pytest.raises(Exception):
+        count_flops(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 3))}, jnp.ones((2, 5)))
+
+
