@@ -140,6 +140,13 @@ def _flags(tree: Any, where: Where) -> list[bool]:
         return [pattern.fullmatch(path) is not None for path, _ in pairs]
     if callable(where) and not is_compressed(where):
         return [bool(where(path, leaf)) for path, leaf in pairs]
+    if isinstance(where, (list, tuple)) and where and all(
+        isinstance(w, (str, re.Pattern)) for w in where
+    ):
+        raise ValueError(
+            f"where={where!r} is a sequence of patterns; where= takes one regex: join the "
+            "alternatives with '|', e.g. r'.*kernel|.*scale'"
+        )
     return _bool_tree_selection(tree, where)
 
 

@@ -96,6 +96,11 @@ def test_invalid_regex_is_a_value_error():
         select(PARAMS, r"(unclosed")
 
 
+def test_a_list_of_patterns_points_to_the_alternation_syntax():
+    with pytest.raises(ValueError, match="join the alternatives with '\\|'"):
+        select(PARAMS, [r".*kernel", r".*bias"])
+
+
 def test_none_selects_every_leaf():
     assert selected_paths(PARAMS, None) == tree_paths(PARAMS)
 
