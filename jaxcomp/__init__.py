@@ -13,6 +13,7 @@ Example:
     {'Dense_0': {'bias': False, 'kernel': True}}
 """
 
+from jaxcomp import distill
 from jaxcomp.core import (
     CompressedLeaf,
     bit_width,
@@ -48,6 +49,7 @@ __all__ = [
     "assert_same_structure",
     "bit_width",
     "compressed_leaf",
+    "distill",
     "count_flops",
     "is_compressed",
     "key_path_str",

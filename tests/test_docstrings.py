@@ -16,6 +16,7 @@ MODULES = [
     "jaxcomp.tree",
     "jaxcomp.report",
     "jaxcomp.flops",
+    "jaxcomp.distill",
     "jaxcomp.testing.benchmark",
 ]
 
