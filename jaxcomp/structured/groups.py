@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -138,9 +139,15 @@ class ChannelGroups(Sequence[ChannelGroup]):
         return "\n".join(lines)
 
 
+def _abstract(tree: Any) -> Any:
+    # Shapes and dtypes only: nothing runs, and the leaves' shardings do not constrain the trace.
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
 def _trace(apply_fn: Callable[..., Any], tree: Any, example_inputs: tuple[Any, ...]) -> Any:
     try:
-        return jax.make_jaxpr(lambda t, *a: apply_fn(t, *a))(tree, *example_inputs)
+        return jax.make_jaxpr(lambda t, *a: apply_fn(t, *a))(
+            _abstract(tree), *_abstract(example_inputs))
     except Exception as e:  # the user's function failed on these inputs: say which inputs
         shapes = [getattr(x, "shape", type(x).__name__) for x in jax.tree.leaves(example_inputs)]
         raise ValueError(
@@ -202,6 +209,8 @@ def build_groups(
             if bad.any():
                 unprunable[f"{paths[leaf]}[{axis}]"] = reasons.get(int(comps[bad][0]), "pinned")
             keep = np.nonzero(~bad)[0]
+            if keep.size == 0:
+                continue
             rows.append(np.stack([comps[keep], np.full(len(keep), leaf), np.full(len(keep), axis),
                                   keep, lab[keep]], axis=1))
     if not rows:
@@ -351,8 +360,7 @@ def channel_groups(
     _, paths, shapes, used, labels, st = walk_function(apply_fn, tree, example_inputs)
     groups, unprunable, comp = build_groups(paths, shapes, used, labels, st)
     _warn_unfollowed(st, comp, paths, labels, used)
-    inputs = tuple(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                example_inputs))
+    inputs = tuple(_abstract(example_inputs))
     if not groups:
         listed = "; ".join(f"{k}: {v}" for k, v in list(unprunable.items())[:12])
         raise ValueError(

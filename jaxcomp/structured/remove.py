@@ -27,6 +27,8 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
         [0, 2, 3]
     """
     arr = np.asarray(jax.device_get(keep))
+    if arr.size == 0:
+        raise ValueError(f"keep[{group.name!r}] keeps no channel; a group keeps at least one")
     if arr.dtype == np.bool_:
         if arr.shape != (group.size,):
             raise ValueError(
