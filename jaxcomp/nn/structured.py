@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 Importance = Callable[[Any, ChannelGroups], Mapping[str, Any]]
-_Key = tuple[Any, ...]
+_Key = tuple[Any, ...]  # ("field", module path, name, index) or ("axis", leaf path, axis)
+_Entry = tuple[str, tuple[int, ...]]  # a constructor field and an index inside it
 
 _KINDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("attention", (nn.MultiHeadDotProductAttention, nnx.MultiHeadAttention)),
@@ -71,7 +72,9 @@ def _kind(module: Any) -> str | None:
     return None
 
 
-def _owner(modules: Mapping[tuple[str, ...], Any], path: tuple[str, ...]) -> tuple[tuple[str, ...], Any]:
+def _owner(
+    modules: Mapping[tuple[str, ...], Any], path: tuple[str, ...]
+) -> tuple[tuple[str, ...], Any]:
     """The module that sets a parameter's shape: an enclosing attention layer, else its module."""
     prefixes = [path[:i] for i in range(len(path) + 1) if path[:i] in modules]
     for prefix in prefixes:
@@ -228,7 +231,8 @@ def _needs(records: Mapping[tuple[str, ...], nn.Module], old: Mapping[str, tuple
         after = _widths(kind, module, lambda *n: new["/".join((coll, *opath, *n))])
         before = _widths(kind, module, lambda *n: old["/".join((coll, *opath, *n))])
         if kind == "conv" and getattr(module, "feature_group_count", 1) > 1:
-            kernel, was = new[f"{coll}/{'/'.join(opath)}/kernel"], old[f"{coll}/{'/'.join(opath)}/kernel"]
+            kernel_path = "/".join((coll, *opath, "kernel"))
+            kernel, was = new[kernel_path], old[kernel_path]
             if kernel[-2] == was[-2]:  # depthwise: whole groups went, each keeps its outputs
                 after["feature_group_count"] = kernel[-1] // (was[-1] // module.feature_group_count)
         for name, value in after.items():
@@ -247,9 +251,9 @@ def _needs(records: Mapping[tuple[str, ...], nn.Module], old: Mapping[str, tuple
     return needs, problems
 
 
-def _entries(model: nn.Module) -> tuple[dict[tuple[str, tuple[int, ...]], int], list[str]]:
+def _entries(model: nn.Module) -> tuple[dict[_Entry, int], list[str]]:
     """The int constructor fields of `model` (inside tuples too), and the fields left None."""
-    entries: dict[tuple[str, tuple[int, ...]], int] = {}
+    entries: dict[_Entry, int] = {}
     nones: list[str] = []
 
     def visit(name: str, index: tuple[int, ...], value: Any) -> None:
@@ -279,14 +283,14 @@ def _set(value: Any, index: tuple[int, ...], new: int) -> Any:
     return type(value)(items)
 
 
-def _with(model: nn.Module, updates: Mapping[tuple[str, tuple[int, ...]], int]) -> nn.Module:
+def _with(model: nn.Module, updates: Mapping[_Entry, int]) -> nn.Module:
     fields: dict[str, Any] = {}
     for (name, index), value in updates.items():
         fields[name] = _set(fields.get(name, getattr(model, name)), index, value)
     return model.clone(**fields)
 
 
-def _entry_name(entry: tuple[str, tuple[int, ...]]) -> str:
+def _entry_name(entry: _Entry) -> str:
     return entry[0] + "".join(f"[{i}]" for i in entry[1])
 
 
@@ -305,7 +309,7 @@ class _Solver:
             return None
         return _observables(records, shapes)
 
-    def _drives(self, entry: tuple[str, tuple[int, ...]], value: int) -> set[_Key]:
+    def _drives(self, entry: _Entry, value: int) -> set[_Key]:
         """The observables equal to `value` that follow this field when it changes."""
         for probe in (2 * value, 3 * value, value + 1):
             seen = self._observe(_with(self.model, {entry: probe}))
@@ -321,7 +325,7 @@ class _Solver:
                     return name, value
         return None
 
-    def solve(self, needs: Mapping[_Key, int]) -> dict[tuple[str, tuple[int, ...]], int]:
+    def solve(self, needs: Mapping[_Key, int]) -> dict[_Entry, int]:
         entries, nones = _entries(self.model)
         while True:
             assign, problems = self._assign(entries, needs)
@@ -338,8 +342,9 @@ class _Solver:
             self.model = self.model.clone(**{name: value})
             entries[(name, ())] = value
 
-    def _assign(self, entries: Mapping[tuple[str, tuple[int, ...]], int],
-                needs: Mapping[_Key, int]) -> tuple[dict[tuple[str, tuple[int, ...]], int], list[str]]:
+    def _assign(
+        self, entries: Mapping[_Entry, int], needs: Mapping[_Key, int]
+    ) -> tuple[dict[_Entry, int], list[str]]:
         wanted = {self.observed[k] for k in needs if k in self.observed}
         assign, covered, named, problems = {}, set(), set(), []
         for entry, value in entries.items():
@@ -352,8 +357,10 @@ class _Solver:
             targets = {needs[k] for k in changed}
             stays = driven - changed
             if len(targets) > 1 or stays:
-                detail = [f"{_describe(k, self.records)} to {needs[k]}" for k in sorted(changed, key=str)]
-                detail += [f"{_describe(k, self.records)} to stay {value}" for k in sorted(stays, key=str)]
+                detail = [f"{_describe(k, self.records)} to {needs[k]}"
+                          for k in sorted(changed, key=str)]
+                detail += [f"{_describe(k, self.records)} to stay {value}"
+                           for k in sorted(stays, key=str)]
                 problems.append(f"field {_entry_name(entry)} sets widths that must now differ: "
                                 + ", ".join(detail))
                 named |= changed
@@ -572,7 +579,8 @@ def _update_attributes(module: nnx.Module) -> None:
         if present:
             module.num_features = present[0].shape[-1]
     elif kind == "attention":
-        query, key, out = module.query.kernel.shape, module.key.kernel.shape, module.out.kernel.shape
+        query, key = module.query.kernel.shape, module.key.kernel.shape
+        out = module.out.kernel.shape
         module.in_features, module.num_heads, module.head_dim = query
         module.in_kv_features, module.num_kv_heads = key[0], key[1]
         module.qkv_features = query[1] * query[2]
@@ -685,9 +693,9 @@ def _round_ratio(
 
 
 def _check_schedule(ratio: Any, rounds: Any, steps: Any) -> None:
-    for name, value in (("rounds", rounds), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "rounds" else 0):
-            raise ValueError(f"{name} must be an integer >= {1 if name == 'rounds' else 0}, got {value!r}")
+    for name, value, least in (("rounds", rounds, 1), ("steps", steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
 

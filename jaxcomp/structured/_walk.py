@@ -12,7 +12,6 @@ id is not prunable. Rules are conservative: an op the walk does not know pins wh
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -251,7 +250,9 @@ def _concatenate(eqn: Any, ins: list[Value], st: State) -> list[Value]:
     return [Value(tuple(labels), _data(ins))]
 
 
-def _pin_axes(x: Value, axes: Sequence[int], st: State, reason: str, warn: bool) -> list[np.ndarray]:
+def _pin_axes(
+    x: Value, axes: Sequence[int], st: State, reason: str, warn: bool
+) -> list[np.ndarray]:
     labels = list(x.labels)
     for d in axes:
         st.pin(labels[d], reason, warn)
@@ -590,7 +591,3 @@ def leaf_labels(shapes: Sequence[tuple[int, ...]]) -> tuple[list[tuple[np.ndarra
                 labels.append(_free(n))
         out.append(tuple(labels))
     return out, base
-
-
-def total_size(shape: Sequence[int]) -> int:
-    return math.prod(shape)

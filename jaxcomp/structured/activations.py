@@ -81,7 +81,8 @@ def activation_importance(
       ValueError: on an unknown `kind`, no batch, or batches of different shapes.
 
     Example:
-        >>> params = {"a": {"kernel": jnp.array([[1.0, -1.0, 2.0]])}, "b": {"kernel": jnp.ones((3, 1))}}
+        >>> params = {"a": {"kernel": jnp.array([[1.0, -1.0, 2.0]])},
+        ...           "b": {"kernel": jnp.ones((3, 1))}}
         >>> f = lambda p, x: jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
         >>> groups = channel_groups(f, params, jnp.ones((4, 1)))
         >>> activation_importance(f, params, groups, [jnp.ones((4, 1))])["a/kernel"]

@@ -23,6 +23,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from jax.extend import core as jex
+
 from jaxcomp.core import is_compressed
 from jaxcomp.structured import _walk
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
@@ -171,11 +173,10 @@ def _components(st: _walk.State) -> tuple[np.ndarray, np.ndarray]:
     return comp, pinned
 
 
-def _reasons(st: _walk.State, comp: np.ndarray, *, warn: bool | None = None) -> dict[int, str]:
+def _reasons(st: _walk.State, comp: np.ndarray) -> dict[int, str]:
+    """The first reason each pinned channel was pinned for."""
     out: dict[int, str] = {}
     for pin in st.pins:
-        if warn is not None and pin.warn != warn:
-            continue
         for c in np.unique(comp[pin.ids]):
             out.setdefault(int(c), pin.reason)
     return out
@@ -266,7 +267,9 @@ def _warn_unfollowed(st: _walk.State, comp: np.ndarray, paths: Sequence[str],
         hit = []
         for leaf, labels in enumerate(leaf_labels):
             for axis, lab in enumerate(labels):
-                if used[leaf] and len(lab) > 1 and lab[0] >= 0 and np.isin(comp[lab], list(comps)).any():
+                if not used[leaf] or len(lab) < 2 or lab[0] < 0:
+                    continue
+                if np.isin(comp[lab], list(comps)).any():
                     hit.append(f"{paths[leaf]}[{axis}]")
         if hit:
             shown = ", ".join(hit[:6]) + (f" and {len(hit) - 6} more" if len(hit) > 6 else "")
@@ -308,8 +311,8 @@ def walk_function(
     for out in outs:
         for lab in out.labels:
             st.pin(lab, "part of the function's output")
-    read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)}
-    read |= {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    atoms = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+    read = {v for v in atoms if not isinstance(v, jex.Literal)}
     used = [v in read for v in jaxpr.invars[: len(paths)]]
     return closed, paths, shapes, used, labels, st
 

@@ -78,7 +78,7 @@ def _per_group(
     score: Callable[[ChannelGroup, list[tuple[GroupMember, Any]]], jax.Array],
     picked: list[tuple[ChannelGroup, list[tuple[GroupMember, Any]]]],
 ) -> Scores:
-    """`{name: score(group, members)}`, computed in one jitted call (eager ops compile one by one)."""
+    """`{name: score(group, members)}` in one jitted call (eager ops would compile one by one)."""
     structure = [(group, [m for m, _ in members]) for group, members in picked]
     arrays = [[leaf for _, leaf in members] for _, members in picked]
 
@@ -244,7 +244,8 @@ def fpgm_importance(
       ValueError: if `where` selects no member.
 
     Example:
-        >>> params = {"a": {"kernel": jnp.array([[1.0, 2.0, 9.0]])}, "b": {"kernel": jnp.ones((3, 1))}}
+        >>> params = {"a": {"kernel": jnp.array([[1.0, 2.0, 9.0]])},
+        ...           "b": {"kernel": jnp.ones((3, 1))}}
         >>> f = lambda p, x: jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
         >>> groups = channel_groups(f, params, jnp.ones((1, 1)))
         >>> int(jnp.argmin(fpgm_importance(params, groups)["a/kernel"]))

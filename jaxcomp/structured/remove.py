@@ -45,7 +45,8 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
         idx = np.unique(arr)
         if idx.size and (idx[0] < 0 or idx[-1] >= group.size):
             raise ValueError(
-                f"keep[{group.name!r}] has channel indices outside [0, {group.size}): {arr.tolist()}"
+                f"keep[{group.name!r}] has channel indices outside [0, {group.size}): "
+                f"{arr.tolist()}"
             )
     if idx.size == 0:
         raise ValueError(f"keep[{group.name!r}] keeps no channel; a group keeps at least one")

@@ -28,8 +28,10 @@ def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int 
     """Channels kept when removing `ratio` of `size`: rounded up to a multiple, at least a minimum.
 
     Example:
-        >>> kept_count(120, 0.5), kept_count(84, 0.5, round_to=8), kept_count(6, 0.9, min_channels=2)
-        (60, 48, 2)
+        >>> kept_count(120, 0.5), kept_count(84, 0.5, round_to=8)
+        (60, 48)
+        >>> kept_count(6, 0.9, min_channels=2)
+        2
     """
     keep = size - math.floor(ratio * size + 1e-9)
     keep = min(size, -(-keep // round_to) * round_to)
@@ -57,7 +59,9 @@ def _ratios(groups: Sequence[ChannelGroup], ratio: Any) -> dict[str, float]:
     return out
 
 
-def _host_scores(groups: Sequence[ChannelGroup], scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _host_scores(
+    groups: Sequence[ChannelGroup], scores: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
     names = {g.name: g for g in groups}
     unknown = [k for k in scores if k not in names]
     if unknown:

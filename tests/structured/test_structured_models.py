@@ -2,6 +2,7 @@
 channels, and shapes, parameter counts and FLOPs that shrink as computed."""
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -22,7 +23,7 @@ from jaxcomp.nn.structured import (
     rebuild_linen,
     shrink_nnx,
 )
-from jaxcomp.structured import magnitude_importance, select_channels
+from jaxcomp.structured import UnfollowedOpWarning, magnitude_importance, select_channels
 from jaxcomp.testing import models, nnx_models
 from jaxcomp.tree import leaves_with_paths
 
@@ -163,7 +164,9 @@ def _count(tree):
 def _linen_case(name):
     model = LINEN[name]
     variables = _random(jax.eval_shape(model.init, jax.random.key(0), X))
-    groups = linen_channel_groups(model, variables, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnfollowedOpWarning)  # every op of these is followed
+        groups = linen_channel_groups(model, variables, X)
     return model, variables, groups
 
 
@@ -221,7 +224,9 @@ def test_mlp_shrinks_by_the_hand_count():
 def _nnx_case(name):
     graphdef, state = nnx.split(nnx.eval_shape(NNX[name]))
     model = nnx.merge(graphdef, _random(state))
-    return model, nnx_channel_groups(model, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnfollowedOpWarning)
+        return model, nnx_channel_groups(model, X)
 
 
 @pytest.mark.parametrize("name", sorted(NNX))
@@ -359,7 +364,8 @@ def test_prune_and_finetune_reaches_the_target_widths():
 def test_prune_and_finetune_rejects_bad_schedules():
     """Rounds below 1, negative steps or a ratio outside [0, 1) are errors."""
     model, variables, _ = _linen_case("mlp")
-    for kwargs in ({"rounds": 0, "steps": 1, "ratio": 0.5}, {"rounds": 1, "steps": -1, "ratio": 0.5},
+    for kwargs in ({"rounds": 0, "steps": 1, "ratio": 0.5},
+                   {"rounds": 1, "steps": -1, "ratio": 0.5},
                    {"rounds": 1, "steps": 1, "ratio": 1.0}):
         with pytest.raises(ValueError, match="rounds|steps|ratio"):
             prune_and_finetune_linen(model, variables, X, batches=iter([]), tx=optax.sgd(0.1),
