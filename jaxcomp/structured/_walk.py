@@ -1,27 +1,28 @@
-"""Channel identities through a jaxpr: the coupling rules of structured pruning.
+"""The coupling rules of structured pruning: one rule per primitive, and the jaxpr walk.
 
-Every axis of every parameter leaf gets one integer id per position ("channel id"). The walk
-carries, for every jaxpr variable, one label array per axis: position `i` of an axis holds the
-channel id it comes from, `FIXED` (an axis that cannot change size: the batch, the pixels of the
-input, a constant) or `FREE` (a broadcast axis that takes any size). Ops *tie* ids (an `add`
-ties its operands position by position; a matmul ties the contracted axes) and *pin* ids that
-meet something that cannot shrink with them. Tied ids form one channel; a channel with a pinned
-id is not prunable. Rules are conservative: an op the walk does not know pins what reaches it.
+See `jaxcomp.structured._labels` for what a label is. Each rule takes an equation and the labels
+of its inputs, records ties and pins in the `State`, and returns the labels of its outputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from jax.extend import core as jex
 
-FIXED = -1
-FREE = -2
-
-ROLE_OTHER, ROLE_IN, ROLE_OUT = 0, 1, 2
+from jaxcomp.structured._labels import (
+    FIXED,
+    FREE,
+    ROLE_IN,
+    ROLE_OUT,
+    State,
+    Tap,
+    Value,
+    fixed,
+    free,
+)
 
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil
@@ -44,78 +45,6 @@ CALLS = frozenset(
 MULTI_IDENTITY = frozenset("optimization_barrier device_put".split())
 
 
-def _fixed(n: int) -> np.ndarray:
-    return np.full(n, FIXED if n > 1 else FREE, np.int64)
-
-
-def _free(n: int) -> np.ndarray:
-    return np.full(n, FREE, np.int64)
-
-
-@dataclasses.dataclass
-class Value:
-    """What the walk knows of one jaxpr variable: a label array per axis, and data dependence."""
-
-    labels: tuple[np.ndarray, ...]
-    data: bool
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(len(x) for x in self.labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-    """An activation axis entering a matmul or convolution with a weight (for activation scores)."""
-
-    var: Any
-    axis: int
-    labels: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class Pin:
-    ids: np.ndarray
-    reason: str
-    warn: bool
-
-
-class State:
-    """Ties, pins, roles and taps collected by one walk over `num_ids` channel ids."""
-
-    def __init__(self, num_ids: int, collect_taps: bool = False):
-        self.num_ids = num_ids
-        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pins: list[Pin] = []
-        self.roles = np.zeros(num_ids, np.int8)
-        self.taps: list[Tap] | None = [] if collect_taps else None
-
-    def pin(self, label: np.ndarray, reason: str, warn: bool = False) -> None:
-        ids = label[label >= 0]
-        if ids.size:
-            self.pins.append(Pin(np.unique(ids), reason, warn))
-
-    def tie(self, labels: Sequence[np.ndarray], where: str) -> np.ndarray:
-        """Ties equal-length label arrays position by position; returns the merged label."""
-        if len(labels) == 1:
-            return labels[0]
-        stack = np.stack(labels)
-        merged = stack.max(axis=0)  # an id if any, else FIXED if any, else FREE
-        has_id = merged >= 0
-        for row in stack:
-            mask = (row >= 0) & (row != merged)
-            if mask.any():
-                self.edges.append((row[mask], merged[mask]))
-        clash = has_id & (stack == FIXED).any(axis=0)
-        if clash.any():
-            self.pin(stack[:, clash].ravel(), f"meets an axis that cannot shrink in '{where}'")
-        return merged
-
-    def mark(self, label: np.ndarray, role: int) -> None:
-        ids = label[label >= 0]
-        self.roles[ids] = np.maximum(self.roles[ids], role)
-
-
 Rule = Callable[[Any, list[Value], State], list[Value]]
 
 
@@ -133,7 +62,7 @@ def _unknown(eqn: Any, ins: list[Value], st: State, why: str | None = None) -> l
         for label in x.labels:
             st.pin(label, reason, warn=True)
     data = _data(ins)
-    return [Value(tuple(_fixed(n) for n in shape), data) for shape in _out_shapes(eqn)]
+    return [Value(tuple(fixed(n) for n in shape), data) for shape in _out_shapes(eqn)]
 
 
 def _elementwise(eqn: Any, ins: list[Value], st: State) -> list[Value]:
@@ -148,14 +77,14 @@ def _elementwise(eqn: Any, ins: list[Value], st: State) -> list[Value]:
                 return _unknown(eqn, ins, st)
             if len(x.labels[d]) == n:
                 cands.append(x.labels[d])
-        labels.append(st.tie(cands, eqn.primitive.name) if cands else _free(n))
+        labels.append(st.tie(cands, eqn.primitive.name) if cands else free(n))
     out = Value(tuple(labels), _data(ins))
     return [out] * len(eqn.outvars)
 
 
 def _broadcast_in_dim(eqn: Any, ins: list[Value], st: State) -> list[Value]:
     (x, *_), shape = ins, _out_shapes(eqn)[0]
-    labels = [_free(n) for n in shape]
+    labels = [free(n) for n in shape]
     for i, d in enumerate(eqn.params["broadcast_dimensions"]):
         if x.shape[i] == shape[d]:
             labels[d] = x.labels[i]
@@ -207,7 +136,7 @@ def _reshape(eqn: Any, ins: list[Value], st: State) -> list[Value]:
     groups = _axis_groups(in_shape, shape)
     if groups is None:
         return _unknown(eqn, ins, st)
-    out = [_free(n) for n in shape]
+    out = [free(n) for n in shape]
     for ga, gb in groups:
         # The labels of every position of the run of axes: at most one channel id each.
         full = np.full([in_shape[a] for a in ga], FREE, np.int64)
@@ -222,7 +151,8 @@ def _reshape(eqn: Any, ins: list[Value], st: State) -> list[Value]:
         fill = FREE if (full == FREE).all() else FIXED
         found = _explaining_axis(full) if (full >= 0).any() else None
         if (full >= 0).any() and found is None:
-            st.pin(full, "a reshape splits a channel axis", warn=True)
+            st.pin(full, "a reshape splits a channel axis (as GroupNorm or a head split do)",
+                   warn=True)
         for k, b in enumerate(gb):
             out[b] = found[1] if found is not None and found[0] == k else np.full(shape[b], fill)
     return [Value(tuple(out), x.data)]
@@ -268,7 +198,7 @@ def _pad(eqn: Any, ins: list[Value], st: State) -> list[Value]:
             labels.append(x.labels[d])
         else:
             st.pin(x.labels[d], "pad of a channel axis", warn=True)
-            labels.append(_fixed(shape[d]))
+            labels.append(fixed(shape[d]))
     return [Value(tuple(labels), _data(ins))]
 
 
@@ -294,7 +224,7 @@ def _dynamic_slice(eqn: Any, ins: list[Value], st: State) -> list[Value]:
             labels.append(lab)
         else:
             st.pin(lab, "dynamic_slice of a channel axis", warn=True)
-            labels.append(_fixed(shape[d]))
+            labels.append(fixed(shape[d]))
     for i in idx:
         for lab in i.labels:
             st.pin(lab, "used as an index", warn=True)
@@ -310,7 +240,7 @@ def _dynamic_update_slice(eqn: Any, ins: list[Value], st: State) -> list[Value]:
         else:
             st.pin(lab, "dynamic_update_slice of a channel axis", warn=True)
             st.pin(upd.labels[d], "dynamic_update_slice of a channel axis", warn=True)
-            labels.append(_fixed(len(lab)))
+            labels.append(fixed(len(lab)))
     for i in idx:
         for lab in i.labels:
             st.pin(lab, "used as an index", warn=True)
@@ -322,7 +252,7 @@ def _gather(eqn: Any, ins: list[Value], st: State) -> list[Value]:
     dn = eqn.params["dimension_numbers"]
     sizes = eqn.params["slice_sizes"]
     shape = _out_shapes(eqn)[0]
-    labels = [_fixed(n) for n in shape]
+    labels = [fixed(n) for n in shape]
     dropped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
     kept = [a for a in range(len(operand.labels)) if a not in dropped]
     for a, d in zip(kept, dn.offset_dims):
@@ -361,7 +291,7 @@ def _along_axis(eqn: Any, ins: list[Value], st: State) -> list[Value]:
     outs = []
     for shape in _out_shapes(eqn):
         full = list(labels)
-        full.insert(axis, _fixed(shape[axis]))
+        full.insert(axis, fixed(shape[axis]))
         outs.append(Value(tuple(full), _data(ins)))
     return outs
 
@@ -384,7 +314,7 @@ def _reduce_window(eqn: Any, ins: list[Value], st: State) -> list[Value]:
         else:
             for x in operands:
                 st.pin(x.labels[d], "pooled over by a window")
-            labels.append(_fixed(shape[d]))
+            labels.append(fixed(shape[d]))
     return [Value(tuple(labels), _data(ins))] * n_out
 
 
@@ -418,7 +348,7 @@ def _rev(eqn: Any, ins: list[Value], st: State) -> list[Value]:
 
 
 def _iota(eqn: Any, ins: list[Value], st: State) -> list[Value]:
-    return [Value(tuple(_fixed(n) for n in shape), False) for shape in _out_shapes(eqn)]
+    return [Value(tuple(fixed(n) for n in shape), False) for shape in _out_shapes(eqn)]
 
 
 def _multi_identity(eqn: Any, ins: list[Value], st: State) -> list[Value]:
@@ -489,7 +419,7 @@ def _conv(eqn: Any, ins: list[Value], st: State) -> list[Value]:
             st.taps.append(Tap(eqn.invars[0], lspec[1], feat))
     if not rhs.data:
         st.mark(rout, ROLE_OUT)
-    labels: list[np.ndarray] = [_fixed(n) for n in shape]
+    labels: list[np.ndarray] = [fixed(n) for n in shape]
     labels[ospec[0]] = lhs.labels[lspec[0]]
     labels[ospec[1]] = rout
     return [Value(tuple(labels), _data(ins))]
@@ -557,7 +487,7 @@ RULES: dict[str, Rule] = {
 
 def _literal(v: Any) -> Value:
     shape = tuple(getattr(v.aval, "shape", ()))
-    return Value(tuple(_fixed(n) for n in shape), False)
+    return Value(tuple(fixed(n) for n in shape), False)
 
 
 def walk(jaxpr: Any, ins: Sequence[Value], st: State) -> list[Value]:
@@ -576,18 +506,3 @@ def walk(jaxpr: Any, ins: Sequence[Value], st: State) -> list[Value]:
         for v, out in zip(eqn.outvars, outs):
             env[v] = out
     return [read(v) for v in jaxpr.outvars]
-
-
-def leaf_labels(shapes: Sequence[tuple[int, ...]]) -> tuple[list[tuple[np.ndarray, ...]], int]:
-    """Fresh channel ids for every axis of every leaf (size-1 axes are FREE); and the id count."""
-    out, base = [], 0
-    for shape in shapes:
-        labels = []
-        for n in shape:
-            if n > 1:
-                labels.append(np.arange(base, base + n, dtype=np.int64))
-                base += n
-            else:
-                labels.append(_free(n))
-        out.append(tuple(labels))
-    return out, base

@@ -26,7 +26,7 @@ from scipy.sparse.csgraph import connected_components
 from jax.extend import core as jex
 
 from jaxcomp.core import is_compressed
-from jaxcomp.structured import _walk
+from jaxcomp.structured import _labels, _walk
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "channel_groups",
 ]
 
-_ROLE_NAMES = {_walk.ROLE_OTHER: "other", _walk.ROLE_IN: "in", _walk.ROLE_OUT: "out"}
+_ROLE_NAMES = {_labels.ROLE_OTHER: "other", _labels.ROLE_IN: "in", _labels.ROLE_OUT: "out"}
 
 
 class UnfollowedOpWarning(UserWarning):
@@ -158,7 +158,7 @@ def _trace(apply_fn: Callable[..., Any], tree: Any, example_inputs: tuple[Any, .
         ) from e
 
 
-def _components(st: _walk.State) -> tuple[np.ndarray, np.ndarray]:
+def _components(st: _labels.State) -> tuple[np.ndarray, np.ndarray]:
     n = st.num_ids
     if st.edges:
         rows = np.concatenate([a for a, _ in st.edges])
@@ -173,7 +173,7 @@ def _components(st: _walk.State) -> tuple[np.ndarray, np.ndarray]:
     return comp, pinned
 
 
-def _reasons(st: _walk.State, comp: np.ndarray) -> dict[int, str]:
+def _reasons(st: _labels.State, comp: np.ndarray) -> dict[int, str]:
     """The first reason each pinned channel was pinned for."""
     out: dict[int, str] = {}
     for pin in st.pins:
@@ -191,7 +191,7 @@ def build_groups(
     shapes: Sequence[tuple[int, ...]],
     used: Sequence[bool],
     leaf_labels: Sequence[tuple[np.ndarray, ...]],
-    st: _walk.State,
+    st: _labels.State,
 ) -> tuple[list[ChannelGroup], dict[str, str], np.ndarray]:
     """Groups the channels found by a walk; returns (groups, unprunable reasons, components)."""
     comp, pinned = _components(st)
@@ -257,7 +257,7 @@ def _dedupe_names(groups: list[ChannelGroup]) -> None:
             groups[i] = dataclasses.replace(g, name=f"{g.name}#{count + 1}")
 
 
-def _warn_unfollowed(st: _walk.State, comp: np.ndarray, paths: Sequence[str],
+def _warn_unfollowed(st: _labels.State, comp: np.ndarray, paths: Sequence[str],
                      leaf_labels: Sequence[tuple[np.ndarray, ...]], used: Sequence[bool]) -> None:
     by_reason: dict[str, set[int]] = {}
     for pin in st.pins:
@@ -284,7 +284,7 @@ def walk_function(
     apply_fn: Callable[..., Any], tree: Any, example_inputs: tuple[Any, ...], *,
     collect_taps: bool = False,
 ) -> tuple[Any, list[str], list[tuple[int, ...]], list[bool], list[tuple[np.ndarray, ...]],
-           _walk.State]:
+           _labels.State]:
     """Traces `apply_fn(tree, *example_inputs)` and walks its jaxpr."""
     pairs = leaves_with_paths(tree)
     for path, leaf in pairs:
@@ -296,17 +296,17 @@ def walk_function(
     paths = [p for p, _ in pairs]
     shapes = [tuple(np.shape(leaf)) for _, leaf in pairs]
     closed = _trace(apply_fn, tree, example_inputs)
-    labels, num_ids = _walk.leaf_labels(shapes)
+    labels, num_ids = _labels.leaf_labels(shapes)
     input_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(example_inputs)]
-    ins = [_walk.Value(lab, False) for lab in labels]
-    ins += [_walk.Value(tuple(_walk._fixed(n) for n in s), True) for s in input_shapes]
+    ins = [_labels.Value(lab, False) for lab in labels]
+    ins += [_labels.Value(tuple(_labels.fixed(n) for n in s), True) for s in input_shapes]
     jaxpr = closed.jaxpr
     if len(ins) != len(jaxpr.invars):
         raise ValueError(
             f"channel_groups: the traced function has {len(jaxpr.invars)} inputs but the tree "
             f"and example inputs have {len(ins)} leaves; pass a tree of arrays"
         )
-    st = _walk.State(num_ids, collect_taps=collect_taps)
+    st = _labels.State(num_ids, collect_taps=collect_taps)
     outs = _walk.walk(jaxpr, ins, st)
     for out in outs:
         for lab in out.labels:

@@ -19,7 +19,7 @@ from jaxcomp.structured import (
     remove_channels,
     taylor_importance,
 )
-from jaxcomp.testing.models import LeNet5
+from jaxcomp.testing.models import MLP, LeNet5
 from jaxcomp.tree import leaves_with_paths
 
 X = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 6, 1)), jnp.float32)
@@ -122,12 +122,15 @@ def test_nnx_depthwise_convolution_with_a_multiplier_shrinks_whole_groups():
 
 def test_scores_from_gradients_and_activations_on_linen_variables():
     """Taylor scores take `{"params": grads}`; activation scores run the model's own jaxpr."""
+    mlp = MLP(features=(8, 4))
+    variables = _random(jax.eval_shape(mlp.init, jax.random.key(0), X))
+    groups = linen_channel_groups(mlp, variables, X)
+    grads = jax.jit(jax.grad(lambda p: mlp.apply({"params": p}, X).sum()))(variables["params"])
+    taylor = taylor_importance(variables, {"params": grads}, groups)
+    assert set(taylor) == set(groups.names)
     model = LeNet5(conv_features=(4, 6), dense_features=(8, 8))
     variables = _random(jax.eval_shape(model.init, jax.random.key(0), X))
     groups = linen_channel_groups(model, variables, X)
-    grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, X).sum()))(variables["params"])
-    taylor = taylor_importance(variables, {"params": grads}, groups)
-    assert set(taylor) == set(groups.names)
     apply = lambda v, x: model.apply(v, x)  # noqa: E731
     apoz = activation_importance(apply, variables, groups, [X], kind="apoz")
     assert set(apoz) == set(groups.names)

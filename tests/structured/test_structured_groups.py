@@ -223,5 +223,6 @@ def test_removal_keeps_the_function_exact_on_dead_channels():
     groups = channel_groups(_relu_chain, p, jnp.ones((2, 4)))
     small = remove_channels(p, groups, {"a": np.array([0, 2, 3, 5])})
     x = _dense((3, 4), 9)
-    np.testing.assert_allclose(_relu_chain(small, x), _relu_chain(p, x), rtol=1e-6, atol=1e-6)
+    run = jax.jit(_relu_chain)
+    np.testing.assert_allclose(run(small, x), run(p, x), rtol=1e-6, atol=1e-6)
     assert small["a"].shape == (4, 4) and small["b"].shape == (4,) and small["c"].shape == (4, 3)
