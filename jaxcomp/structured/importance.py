@@ -36,6 +36,13 @@ _SCALE = r"(.*/)?scale"
 def member_slices(leaf: jax.Array, member: GroupMember) -> jax.Array:
     """The slices of `leaf` that belong to each channel of the member: shape `(channels, -1)`.
 
+    Args:
+      leaf: the member's leaf (or a gradient of the same shape).
+      member: a `GroupMember` of a channel group.
+
+    Returns:
+      Row `c` holds every element of `leaf` at the positions channel `c` owns along the axis.
+
     Example:
         >>> from jaxcomp.structured.groups import GroupMember
         >>> m = GroupMember("w", 1, 3, np.array([[0], [2]]), "out")

@@ -18,6 +18,13 @@ __all__ = ["keep_indices", "remove_channels"]
 def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
     """The sorted indices of the kept channels of `group`, from a bool mask or an index list.
 
+    Args:
+      group: the channel group.
+      keep: a bool mask of length `group.size`, or the indices of the channels to keep.
+
+    Returns:
+      A sorted int numpy array of unique channel indices.
+
     Raises:
       ValueError: if the mask has the wrong length, an index is out of range, or nothing is kept.
 

@@ -27,6 +27,15 @@ def _check_ratio(value: Any, what: str) -> float:
 def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int = 1) -> int:
     """Channels kept when removing `ratio` of `size`: rounded up to a multiple, at least a minimum.
 
+    Args:
+      size: channels in the group.
+      ratio: fraction removed, in [0, 1).
+      min_channels: the fewest kept (capped at `size`).
+      round_to: the kept count is rounded up to a multiple of this (capped at `size`).
+
+    Returns:
+      The number of channels kept.
+
     Example:
         >>> kept_count(120, 0.5), kept_count(84, 0.5, round_to=8)
         (60, 48)

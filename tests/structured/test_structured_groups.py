@@ -30,7 +30,10 @@ def test_dense_chain_couples_producer_bias_and_consumer():
     """A Dense output axis shrinks with its bias and the next layer's input axis."""
     groups = channel_groups(_relu_chain, CHAIN, jnp.ones((2, 4)))
     assert groups.names == ("a",)
-    assert groups[0].size == 6
+    assert groups[0].size == 6 and groups["a"] is groups[0]
+    assert groups.summary() == "a: 6 channels; a[1], b[0], c[0]"
+    with pytest.raises(KeyError, match="no channel group named 'z'"):
+        groups["z"]
     assert _members(groups[0]) == {"a[1]": "out", "b[0]": "other", "c[0]": "in"}
     assert groups.unprunable["a[0]"].startswith("meets an axis")  # the model input
     assert groups.unprunable["c[1]"] == "part of the function's output"

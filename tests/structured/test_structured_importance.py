@@ -93,6 +93,8 @@ def test_activation_importance_mean_and_apoz():
         activation_importance(_f, P, GROUPS, [X, X[:2]])
     with pytest.raises(ValueError, match="kind"):
         activation_importance(_f, P, GROUPS, [X], kind="median")
+    with pytest.raises(ValueError, match="empty"):
+        activation_importance(_f, P, GROUPS, [])
 
 
 def test_taylor_needs_gradients_on_the_group_paths():
