@@ -101,10 +101,27 @@ class ResidualBlock(nn.Module):
         return nn.relu(y + x)
 
 
+def _block_widths(
+    stage_features: Sequence[int], blocks_per_stage: int, hidden_features: Sequence[int] | None
+) -> list[int]:
+    """The hidden width of every block: `hidden_features`, or each block's stage width."""
+    default = [w for w in stage_features for _ in range(blocks_per_stage)]
+    if hidden_features is None:
+        return default
+    if len(hidden_features) != len(default):
+        raise ValueError(
+            f"hidden_features has {len(hidden_features)} widths; the ResNet has {len(default)} "
+            "blocks"
+        )
+    return list(hidden_features)
+
+
 class ResNet(nn.Module):
     """A small ResNet: stem, `len(stage_features)` stages of `blocks_per_stage` basic blocks.
 
-    Every stage after the first halves the resolution in its first block. Train with
+    Every stage after the first halves the resolution in its first block. `hidden_features`
+    gives the width between the two convolutions of every block, block by block across the
+    stages (None: each block's own width). Train with
     `model.apply(variables, x, train=True, mutable=["batch_stats"])`.
 
     Example:
@@ -118,9 +135,11 @@ class ResNet(nn.Module):
     blocks_per_stage: int = 2
     num_classes: int = 10
     stem_features: int | None = None
+    hidden_features: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        hidden = _block_widths(self.stage_features, self.blocks_per_stage, self.hidden_features)
         stem = self.stem_features or self.stage_features[0]
         x = nn.Conv(stem, (3, 3), padding="SAME", use_bias=False, name="stem_conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_norm")(x)
@@ -128,7 +147,9 @@ class ResNet(nn.Module):
         for stage, width in enumerate(self.stage_features):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, name=f"stage{stage}_block{block}")(x, train)
+                x = ResidualBlock(
+                    width, strides, hidden.pop(0), name=f"stage{stage}_block{block}"
+                )(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
 
@@ -137,6 +158,7 @@ class TransformerEncoder(nn.Module):
     """One pre-LayerNorm Transformer encoder block over image rows as tokens.
 
     Inputs are `(batch, tokens, features)` or NHWC images, read as `H` tokens of `W * C` features.
+    `qkv_features` is the total width of the attention heads (None: `d_model`).
 
     Example:
         >>> model = TransformerEncoder(d_model=16, num_heads=2, mlp_dim=32)
@@ -149,6 +171,7 @@ class TransformerEncoder(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 128
     num_classes: int = 10
+    qkv_features: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -162,7 +185,9 @@ class TransformerEncoder(nn.Module):
         x = x + pos
         y = nn.LayerNorm(name="ln_attention")(x)
         y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, qkv_features=self.d_model, name="attention"
+            num_heads=self.num_heads,
+            qkv_features=self.qkv_features or self.d_model,
+            name="attention",
         )(y)
         x = x + y
         y = nn.LayerNorm(name="ln_mlp")(x)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcomp.testing.models import _block_widths
+
 __all__ = ["MLP", "LeNet5", "ResNet", "ResidualBlock", "TransformerEncoder"]
 
 
@@ -127,6 +129,9 @@ class ResidualBlock(nnx.Module):
 class ResNet(nnx.Module):
     """A small ResNet with BatchNorm, residual adds and global average pooling.
 
+    `hidden_features` gives the width between the two convolutions of every block, block by
+    block across the stages (None: each block's own width).
+
     Example:
         >>> model = ResNet(input_shape=(8, 8, 1), stage_features=(8, 16), blocks_per_stage=1,
         ...                rngs=nnx.Rngs(0))
@@ -141,9 +146,11 @@ class ResNet(nnx.Module):
         blocks_per_stage: int = 2,
         num_classes: int = 10,
         stem_features: int | None = None,
+        hidden_features: Sequence[int] | None = None,
         *,
         rngs: nnx.Rngs,
     ):
+        hidden = _block_widths(stage_features, blocks_per_stage, hidden_features)
         stem = stem_features or stage_features[0]
         self.stem_conv = nnx.Conv(
             input_shape[-1], stem, (3, 3), padding="SAME", use_bias=False, rngs=rngs
@@ -153,7 +160,7 @@ class ResNet(nnx.Module):
         for stage, features in enumerate(stage_features):
             for block in range(blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
-                blocks.append(ResidualBlock(width, features, strides, rngs=rngs))
+                blocks.append(ResidualBlock(width, features, strides, hidden.pop(0), rngs=rngs))
                 width = features
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(width, num_classes, rngs=rngs)
@@ -182,6 +189,7 @@ class TransformerEncoder(nnx.Module):
         num_heads: int = 4,
         mlp_dim: int = 128,
         num_classes: int = 10,
+        qkv_features: int | None = None,
         *,
         rngs: nnx.Rngs,
     ):
@@ -192,7 +200,7 @@ class TransformerEncoder(nnx.Module):
         )
         self.ln_attention = nnx.LayerNorm(d_model, rngs=rngs)
         self.attention = nnx.MultiHeadAttention(
-            num_heads, d_model, qkv_features=d_model, decode=False, rngs=rngs
+            num_heads, d_model, qkv_features=qkv_features or d_model, decode=False, rngs=rngs
         )
         self.ln_mlp = nnx.LayerNorm(d_model, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, rngs=rngs)

@@ -1,0 +1,215 @@
+"""Channel importance (magnitude, BatchNorm scale, Taylor, FPGM, activations), selection and
+removal: values by hand, under jit, and bad input."""
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from jaxcomp.structured import (
+    ChannelGroup,
+    activation_importance,
+    bn_scale_importance,
+    channel_groups,
+    fpgm_importance,
+    kept_count,
+    magnitude_importance,
+    remove_channels,
+    select_channels,
+    taylor_importance,
+)
+
+
+def _f(p, x):
+    h = jax.nn.relu(x @ p["a"] + p["b"])
+    return (h * p["s"]) @ p["c"]
+
+
+P = {
+    "a": jnp.array([[1.0, -2.0, 0.0, 3.0], [1.0, 2.0, 0.0, -1.0]]),
+    "b": jnp.array([0.5, 0.0, -1.0, 0.0]),
+    "s": jnp.array([1.0, -4.0, 2.0, 0.5]),
+    "c": jnp.array([[1.0], [1.0], [2.0], [0.0]]),
+}
+X = jnp.array([[1.0, 1.0], [2.0, -1.0], [0.0, 1.0]])
+GROUPS = channel_groups(_f, P, X)
+NAME = "a"
+
+
+class ImportanceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_magnitude_sums_the_coupled_weight_slices(self):
+        """L1 adds |a[:, c]| and |c[c, :]|; L2 is the norm of both (vectors left out)."""
+        l1 = self.variant(lambda p: magnitude_importance(p, GROUPS, ord=1))(P)
+        l2 = self.variant(lambda p: magnitude_importance(p, GROUPS))(P)
+        np.testing.assert_allclose(l1[NAME], [3.0, 5.0, 2.0, 4.0])
+        np.testing.assert_allclose(l2[NAME], np.sqrt([3.0, 9.0, 4.0, 10.0]), rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_taylor_is_the_squared_sum_of_weight_times_gradient(self):
+        """(sum over the channel's parameters of w * dL/dw)^2, by hand."""
+        grads = jax.grad(lambda p: _f(p, X).sum())(P)
+        scores = self.variant(lambda p, g: taylor_importance(p, g, GROUPS))(P, grads)
+        want = []
+        for c in range(4):
+            total = sum(float(jnp.sum(P[k][..., c] * grads[k][..., c])) for k in ("a", "b", "s"))
+            want.append((total + float(jnp.sum(P["c"][c] * grads["c"][c]))) ** 2)
+        np.testing.assert_allclose(scores[NAME], want, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_fpgm_scores_the_filter_nearest_the_others_lowest(self):
+        """A filter amid the others (near their geometric median) has the lowest score."""
+        p = dict(P, a=jnp.array([[0.0, 1.0, 0.0, 0.4], [0.0, 0.0, 1.0, 0.4]]),
+                 c=jnp.zeros((4, 1)))
+        scores = self.variant(lambda p: fpgm_importance(p, GROUPS))(p)[NAME]
+        assert int(jnp.argmin(scores)) == 3
+        np.testing.assert_allclose(scores[0], 2 + np.sqrt(0.32), rtol=1e-5)
+
+
+def test_bn_scale_reads_the_scales_of_the_group():
+    """Network slimming: |gamma| of the member named scale, summed per channel."""
+    p = {"a": P["a"], "scale": jnp.array([1.0, -3.0, 0.0, 2.0]), "c": P["c"]}
+
+    def f(p, x):
+        return jax.nn.relu((x @ p["a"]) * p["scale"]) @ p["c"]
+
+    groups = channel_groups(f, p, X)
+    np.testing.assert_allclose(bn_scale_importance(p, groups)["a"], [1.0, 3.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match="selects no member"):
+        bn_scale_importance(P, GROUPS)
+
+
+def test_activation_importance_mean_and_apoz():
+    """Mean |activation| of each channel where the next layer reads it; APoZ counts zeros."""
+    mean = activation_importance(_f, P, GROUPS, [X, X])[NAME]
+    h = jax.nn.relu(X @ P["a"] + P["b"]) * P["s"]
+    np.testing.assert_allclose(mean, jnp.abs(h).mean(0), rtol=1e-6)
+    apoz = activation_importance(_f, P, GROUPS, iter([X]), kind="apoz")[NAME]
+    np.testing.assert_allclose(apoz, (h != 0).mean(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="same shapes|shapes of the first"):
+        activation_importance(_f, P, GROUPS, [X, X[:2]])
+    with pytest.raises(ValueError, match="kind"):
+        activation_importance(_f, P, GROUPS, [X], kind="median")
+    with pytest.raises(ValueError, match="empty"):
+        activation_importance(_f, P, GROUPS, [])
+
+
+def test_taylor_needs_gradients_on_the_group_paths():
+    """Gradients with other paths (e.g. Linen params without the collection) are an error."""
+    with pytest.raises(ValueError, match="share no path"):
+        taylor_importance(P, {"x": jnp.ones(3)}, GROUPS)
+
+
+def test_importance_works_on_bfloat16_weights():
+    """bf16 parameters score in float32 and are cut without changing their dtype."""
+    p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), P)
+    scores = magnitude_importance(p, GROUPS, ord=1)
+    assert scores[NAME].dtype == jnp.float32
+    np.testing.assert_allclose(scores[NAME], [3.0, 5.0, 2.0, 4.0])
+    small = remove_channels(p, GROUPS, select_channels(GROUPS, scores, ratio=0.5))
+    assert small["a"].dtype == jnp.bfloat16 and small["a"].shape == (2, 2)
+    np.testing.assert_array_equal(small["s"], jnp.array([-4.0, 0.5], jnp.bfloat16))
+
+
+def test_select_keeps_the_highest_scores_per_group():
+    """Per group, the lowest-scoring share goes; minimum and rounding apply after."""
+    g = ChannelGroup("g", 8, ())
+    scores = {"g": jnp.arange(8.0)[::-1]}
+    np.testing.assert_array_equal(
+        select_channels([g], scores, ratio=0.5)["g"], [1, 1, 1, 1, 0, 0, 0, 0])
+    assert select_channels([g], scores, ratio=0.9, min_channels=3)["g"].sum() == 3
+    assert select_channels([g], scores, ratio=0.5, round_to=3)["g"].sum() == 6
+
+
+def test_select_per_group_ratios_by_regex():
+    """A mapping gives each group its own ratio; unmatched groups keep everything."""
+    groups = [ChannelGroup("conv", 4, ()), ChannelGroup("dense", 4, ()), ChannelGroup("x", 2, ())]
+    scores = {g.name: jnp.arange(float(g.size)) for g in groups}
+    keep = select_channels(groups, scores, ratio={"conv": 0.5, "d.*": 0.25})
+    assert [int(keep[n].sum()) for n in ("conv", "dense", "x")] == [2, 3, 2]
+    with pytest.raises(ValueError, match="matches no group"):
+        select_channels(groups, scores, ratio={"head": 0.5})
+
+
+def test_select_global_compares_normalized_scores_across_groups():
+    """Global scope removes the lowest scores wherever they are, after dividing by group means."""
+    groups = [ChannelGroup("a", 4, ()), ChannelGroup("b", 4, ())]
+    scores = {"a": jnp.array([10.0, 10.0, 10.0, 6.0]), "b": jnp.array([0.9, 1.0, 0.5, 1.6])}
+    keep = select_channels(groups, scores, ratio=0.25, scope="global")
+    np.testing.assert_array_equal(keep["a"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(keep["b"], [1, 1, 0, 1])
+    raw = select_channels(groups, scores, ratio=0.25, scope="global", normalize=False)
+    assert raw["a"].all()
+    np.testing.assert_array_equal(raw["b"], [0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": -0.5}, "ratio"),
+        ({"ratio": "half"}, "ratio"),
+        ({"ratio": 0.5, "scope": "layer"}, "scope"),
+        ({"ratio": 0.5, "min_channels": 0}, "min_channels"),
+        ({"ratio": 0.5, "round_to": 0}, "round_to"),
+        ({"ratio": {"g": 0.5}, "scope": "global"}, "one ratio"),
+    ],
+)
+def test_select_rejects_bad_options(kwargs, match):
+    """Every option is validated with a message naming it."""
+    with pytest.raises(ValueError, match=match):
+        select_channels([ChannelGroup("g", 4, ())], {"g": jnp.ones(4)}, **kwargs)
+
+
+def test_select_rejects_bad_scores():
+    """Scores of the wrong shape, NaNs or unknown groups are errors, not silent choices."""
+    g = ChannelGroup("g", 4, ())
+    for scores, match in [({"g": jnp.ones(3)}, "shape"), ({"g": jnp.array([1.0, jnp.nan, 1, 1])},
+                          "non-finite"), ({"h": jnp.ones(4)}, "unknown groups")]:
+        with pytest.raises(ValueError, match=match):
+            select_channels([g], scores, ratio=0.5)
+
+
+def test_remove_rejects_bad_keep_and_stale_trees():
+    """Keeping nothing, a wrong mask, an unknown group or an already-cut tree are errors."""
+    small = remove_channels(P, GROUPS, {NAME: [0, 1]})
+    for keep, match in [({NAME: []}, "keeps no channel"), ({NAME: np.ones(3, bool)}, "mask"),
+                        ({"z": [0]}, "unknown groups"), ({NAME: [0, 9]}, "outside")]:
+        with pytest.raises(ValueError, match=match):
+            remove_channels(P, GROUPS, keep)
+    with pytest.raises(ValueError, match="already pruned"):
+        remove_channels(small, GROUPS, {NAME: [0]})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    ratio=st.floats(0.0, 0.99),
+    min_channels=st.integers(1, 5),
+    round_to=st.sampled_from([1, 2, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_properties(sizes, ratio, min_channels, round_to, seed):
+    """Kept counts follow `kept_count`; kept channels outscore removed ones; global removes
+    about `ratio` of all channels and never leaves a group under its minimum."""
+    rng = np.random.default_rng(seed)
+    groups = [ChannelGroup(f"g{i}", n, ()) for i, n in enumerate(sizes)]
+    scores = {g.name: rng.permutation(g.size).astype(float) + 1 for g in groups}
+    keep = select_channels(groups, scores, ratio=ratio, min_channels=min_channels,
+                           round_to=round_to)
+    for g in groups:
+        mask = keep[g.name]
+        assert mask.sum() == kept_count(g.size, ratio, min_channels=min_channels,
+                                        round_to=round_to)
+        assert 1 <= mask.sum() <= g.size
+        if (~mask).any():
+            assert scores[g.name][mask].min() > scores[g.name][~mask].max()
+    kept = select_channels(groups, scores, ratio=ratio, scope="global", min_channels=min_channels)
+    total = sum(sizes)
+    removed = total - sum(int(m.sum()) for m in kept.values())
+    assert removed <= int(np.floor(ratio * total + 1e-9))
+    for g in groups:
+        assert kept[g.name].sum() >= min(min_channels, g.size)
