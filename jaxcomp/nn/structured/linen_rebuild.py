@@ -275,7 +275,8 @@ class _Solver:
             if key not in covered and key not in named:
                 problems.append(
                     f"{_describe(key, self.records)} must become {needs[key]} but no constructor "
-                    f"field of {type(self.model).__name__} sets it (is the width hard-coded?)"
+                    f"field of {type(self.model).__name__} sets it (is the width hard-coded? make it a "
+                    "constructor field, or protect the layer with where=)"
                 )
         return assign, problems
 
