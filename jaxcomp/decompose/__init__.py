@@ -15,7 +15,6 @@ sequences of small matmuls and convolutions:
 from jaxcomp.decompose.apply import cp_conv, factorized_apply, svd_dense, tt_dense, tucker2_conv
 from jaxcomp.decompose.budget import allocate_ranks
 from jaxcomp.decompose.factorize import (
-    balanced_modes,
     decompose_cp,
     decompose_svd,
     decompose_tt,
@@ -40,6 +39,7 @@ from jaxcomp.decompose.ranks import (
     RankRule,
     energy_rank,
 )
+from jaxcomp.decompose.structure import balanced_modes
 from jaxcomp.decompose.transform import decompose_tree, map_factors
 from jaxcomp.decompose.vbmf import VBMFResult, vbmf, vbmf_rank, vbmf_spectrum
 

@@ -96,6 +96,16 @@ def allocate_ranks(
     Raises:
       ValueError: naming the path, for a method without singular values (CP) or a missing FLOP
         count; and when even rank 1 everywhere exceeds the budget.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxcomp.decompose.structure import SVDModel
+        >>> rng = np.random.default_rng(0)
+        >>> low_rank = rng.normal(size=(32, 2)) @ rng.normal(size=(2, 32))
+        >>> models = {"a": SVDModel(low_rank), "b": SVDModel(rng.normal(size=(32, 32)))}
+        >>> ranks = allocate_ranks(models, ParamBudget(total=1024))
+        >>> ranks["a"], ranks["b"] is None or ranks["b"][0] > 2
+        ((2,), True)
     """
     strides = strides or {}
     layers = {name: _Layer(name, m, budget, strides.get(name, (1, 1))) for name, m in models.items()}

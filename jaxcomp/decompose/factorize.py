@@ -30,6 +30,13 @@ from jaxcomp.decompose.ranks import (
     as_rule,
     select_ranks,
 )
+from jaxcomp.decompose.structure import (
+    CPModel,
+    SVDModel,
+    TTModel,
+    Tucker2Model,
+    balanced_modes,
+)
 
 __all__ = [
     "balanced_modes",
@@ -38,164 +45,6 @@ __all__ = [
     "decompose_tt",
     "decompose_tucker2",
 ]
-
-
-def _svals(matrix: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(matrix, compute_uv=False)
-
-
-class SVDModel(RankModel):
-    method = "SVD"
-
-    def __init__(self, kernel: np.ndarray):
-        self.kernel = kernel
-        n_in, n_out = kernel.shape
-        self.full = (min(n_in, n_out),)
-        self.dense_params = n_in * n_out
-
-    @property
-    def mode_names(self) -> str:
-        return "(r,)"
-
-    def params(self, ranks: Sequence[int]) -> int:
-        return ranks[0] * sum(self.kernel.shape)
-
-    def flops_per_position(self, ranks: Sequence[int], strides: Sequence[int]) -> int:
-        return 2 * self.params(ranks)
-
-    def spectra(self):
-        return [(_svals(self.kernel), self.kernel.shape)]
-
-
-class Tucker2Model(RankModel):
-    method = "Tucker-2"
-
-    def __init__(self, kernel: np.ndarray):
-        self.kernel = kernel
-        self.full = tuple(kernel.shape[2:])
-        self.dense_params = kernel.size
-
-    @property
-    def mode_names(self) -> str:
-        return "(r_in, r_out)"
-
-    def _terms(self, ranks: Sequence[int]) -> tuple[int, int, int]:
-        kh, kw, cin, cout = self.kernel.shape
-        r_in, r_out = ranks
-        first = cin * r_in if r_in < cin else 0
-        last = r_out * cout if r_out < cout else 0
-        return first, kh * kw * r_in * r_out, last
-
-    def params(self, ranks: Sequence[int]) -> int:
-        return sum(self._terms(ranks))
-
-    def flops_per_position(self, ranks: Sequence[int], strides: Sequence[int]) -> int:
-        first, core, last = self._terms(ranks)
-        return 2 * (first * math.prod(strides) + core + last)
-
-    def unfolding(self, mode: int) -> np.ndarray:
-        return np.moveaxis(self.kernel, mode, 0).reshape(self.kernel.shape[mode], -1)
-
-    def spectra(self):
-        return [(_svals(self.unfolding(m)), self.unfolding(m).shape) for m in (2, 3)]
-
-
-def balanced_modes(n: int, order: int) -> tuple[int, ...]:
-    """Splits `n` into `order` factors as equal as possible (prime factors, largest first).
-
-    Example:
-        >>> balanced_modes(4096, 3), balanced_modes(784, 3), balanced_modes(10, 2)
-        ((16, 16, 16), (14, 8, 7), (5, 2))
-    """
-    if n < 1 or order < 1:
-        raise ValueError(f"balanced_modes needs n >= 1 and order >= 1, got {n}, {order}")
-    primes, rest, p = [], n, 2
-    while p * p <= rest:
-        while rest % p == 0:
-            primes.append(p)
-            rest //= p
-        p += 1
-    if rest > 1:
-        primes.append(rest)
-    modes = [1] * order
-    for prime in sorted(primes, reverse=True):
-        modes[int(np.argmin(modes))] *= prime
-    return tuple(sorted(modes, reverse=True))
-
-
-class TTModel(RankModel):
-    method = "TT"
-
-    def __init__(self, kernel: np.ndarray, in_modes: Sequence[int], out_modes: Sequence[int]):
-        self.kernel = kernel
-        self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
-        self.sizes = [m * n for m, n in zip(self.in_modes, self.out_modes)]
-        d = len(self.sizes)
-        self.full = tuple(
-            min(math.prod(self.sizes[: k + 1]), math.prod(self.sizes[k + 1 :])) for k in range(d - 1)
-        )
-        self.dense_params = kernel.size
-
-    @property
-    def mode_names(self) -> str:
-        return f"(one per bond between {len(self.sizes)} cores)"
-
-    def _bonds(self, ranks: Sequence[int]) -> list[int]:
-        return [1, *ranks, 1]
-
-    def params(self, ranks: Sequence[int]) -> int:
-        r = self._bonds(ranks)
-        return sum(r[k] * s * r[k + 1] for k, s in enumerate(self.sizes))
-
-    def flops_per_position(self, ranks: Sequence[int], strides: Sequence[int]) -> int:
-        r = self._bonds(ranks)
-        total, rest_in, done_out = 0, math.prod(self.in_modes), 1
-        for k, (m, n) in enumerate(zip(self.in_modes, self.out_modes)):
-            rest_in //= m
-            total += 2 * rest_in * done_out * r[k] * m * n * r[k + 1]
-            done_out *= n
-        return total
-
-    def interleaved(self) -> np.ndarray:
-        d = len(self.sizes)
-        tensor = self.kernel.reshape(*self.in_modes, *self.out_modes)
-        order = [i for k in range(d) for i in (k, d + k)]
-        return tensor.transpose(order)
-
-    def spectra(self):
-        tensor = self.interleaved().reshape(self.sizes)
-        out = []
-        for k in range(len(self.sizes) - 1):
-            unfolding = tensor.reshape(math.prod(self.sizes[: k + 1]), -1)
-            out.append((_svals(unfolding), unfolding.shape))
-        return out
-
-
-class CPModel(RankModel):
-    method = "CP"
-
-    def __init__(self, kernel: np.ndarray):
-        self.kernel = kernel
-        dims = kernel.shape
-        # Any 4-way tensor has CP rank at most min_k prod_{j != k} n_j.
-        self.full = (min(math.prod(dims) // n for n in dims),)
-        self.dense_params = kernel.size
-
-    @property
-    def has_full_rank(self) -> bool:
-        return False
-
-    @property
-    def mode_names(self) -> str:
-        return "(r,)"
-
-    def params(self, ranks: Sequence[int]) -> int:
-        return ranks[0] * sum(self.kernel.shape)
-
-    def flops_per_position(self, ranks: Sequence[int], strides: Sequence[int]) -> int:
-        kh, kw, cin, cout = self.kernel.shape
-        sh, sw = strides
-        return 2 * ranks[0] * (sh * sw * cin + sw * kh + kw + cout)
 
 
 def _layer_rule(ranks: RankRule, name: str):
@@ -213,7 +62,7 @@ def _check_ndim(host: np.ndarray, ndim: int, method: str, name: str) -> None:
         raise ValueError(f"{name}: {method} expects a {ndim}-D kernel {layout}, got shape {host.shape}")
 
 
-def warn_if_larger(model: RankModel, ranks: tuple[int, ...], name: str) -> None:
+def _warn_if_larger(model: RankModel, ranks: tuple[int, ...], name: str) -> None:
     if model.params(ranks) >= model.dense_params:
         warnings.warn(
             f"{name}: {model.method} ranks {ranks} store {model.params(ranks)} parameters, not "
@@ -222,37 +71,37 @@ def warn_if_larger(model: RankModel, ranks: tuple[int, ...], name: str) -> None:
         )
 
 
-SVD_METHODS = {"truncated": "truncated_svd", "symeig": "symeig_svd", "randomized": "randomized_svd"}
+_SVD_METHODS = {"truncated": "truncated_svd", "symeig": "symeig_svd", "randomized": "randomized_svd"}
 
 
-def svd_method(svd: str) -> str:
+def _svd_method(svd: str) -> str:
     """tensorly's name of an SVD algorithm, or ValueError."""
-    if svd not in SVD_METHODS:
-        raise ValueError(f"svd={svd!r} is not one of {tuple(SVD_METHODS)}")
-    return SVD_METHODS[svd]
+    if svd not in _SVD_METHODS:
+        raise ValueError(f"svd={svd!r} is not one of {tuple(_SVD_METHODS)}")
+    return _SVD_METHODS[svd]
 
 
-def svd_factors(model: SVDModel, ranks: tuple[int, ...], *, svd: str = "truncated", seed: int = 0):
+def _svd_factors(model: SVDModel, ranks: tuple[int, ...], *, svd: str = "truncated", seed: int = 0):
     with _host.tensorly_numpy() as tl:
         u, s, v = tl.tenalg.svd_interface(
-            model.kernel, n_eigenvecs=ranks[0], method=svd_method(svd), random_state=seed
+            model.kernel, n_eigenvecs=ranks[0], method=_svd_method(svd), random_state=seed
         )
     root = np.sqrt(s)
     return {"u": u * root, "v": root[:, None] * v}
 
 
-def tt_factors(model: TTModel, ranks: tuple[int, ...], *, svd: str = "truncated", seed: int = 0):
+def _tt_factors(model: TTModel, ranks: tuple[int, ...], *, svd: str = "truncated", seed: int = 0):
     tensor = model.kernel.reshape(*model.in_modes, *model.out_modes)
     with _host.tensorly_numpy():
         from tensorly.decomposition import tensor_train_matrix
 
         cores = tensor_train_matrix(
-            tensor, rank=[1, *ranks, 1], svd=svd_method(svd), random_state=seed
+            tensor, rank=[1, *ranks, 1], svd=_svd_method(svd), random_state=seed
         ).factors
     return {"cores": tuple(np.asarray(c) for c in cores)}
 
 
-def tucker2_factors(
+def _tucker2_factors(
     model: Tucker2Model, ranks: tuple[int, ...], *, n_iter_max: int, seed: int, svd: str = "truncated"
 ) -> dict[str, Any]:
     modes = [m for m, r, full in zip((2, 3), ranks, model.full) if r < full]
@@ -264,7 +113,7 @@ def tucker2_factors(
 
         (core, mats), _ = partial_tucker(
             model.kernel, rank=[ranks[m - 2] for m in modes], modes=modes, init="svd",
-            n_iter_max=n_iter_max, tol=1e-7, svd=svd_method(svd), random_state=seed,
+            n_iter_max=n_iter_max, tol=1e-7, svd=_svd_method(svd), random_state=seed,
         )
     for mode, mat in zip(modes, mats):
         if mode == 2:
@@ -274,14 +123,14 @@ def tucker2_factors(
     return {"core": np.asarray(core), **factors}
 
 
-def cp_factors(
+def _cp_factors(
     model: CPModel, ranks: tuple[int, ...], *, n_iter_max: int, seed: int, svd: str = "truncated"
 ) -> dict[str, Any]:
     with _host.tensorly_numpy():
         from tensorly.decomposition import parafac
 
         weights, (a_h, a_w, a_in, a_out) = parafac(
-            model.kernel, rank=ranks[0], init="svd", svd=svd_method(svd), n_iter_max=n_iter_max,
+            model.kernel, rank=ranks[0], init="svd", svd=_svd_method(svd), n_iter_max=n_iter_max,
             tol=1e-8, random_state=seed,
         )
     cols = [np.asarray(a) for a in (a_h, a_w, a_in, np.asarray(a_out) * np.asarray(weights))]
@@ -301,7 +150,7 @@ _AXES = {
 }
 
 
-def place_factors(factors: dict[str, Any], kernel: Any) -> dict[str, Any]:
+def _place_factors(factors: dict[str, Any], kernel: Any) -> dict[str, Any]:
     """Host factors as arrays in the kernel's dtype, with the sharding of the axes they keep."""
     out: dict[str, Any] = {}
     for key, value in factors.items():
@@ -340,6 +189,7 @@ def decompose_svd(
       ValueError: naming `name`, for a non-2-D or non-finite kernel or an invalid rank.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> leaf = decompose_svd(jnp.eye(8), 3)
         >>> leaf.rank, leaf.shape
         ((3,), (8, 8))
@@ -348,8 +198,8 @@ def decompose_svd(
     _check_ndim(host, 2, "SVD", name)
     model = SVDModel(host)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
-    warn_if_larger(model, ranks_, name)
-    return SVDKernel(**place_factors(svd_factors(model, ranks_, svd=svd, seed=seed), kernel))
+    _warn_if_larger(model, ranks_, name)
+    return SVDKernel(**_place_factors(_svd_factors(model, ranks_, svd=svd, seed=seed), kernel))
 
 
 def decompose_tt(
@@ -382,6 +232,7 @@ def decompose_tt(
       ValueError: naming `name`, for bad modes, a non-2-D kernel or an invalid rank.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> leaf = decompose_tt(jnp.ones((16, 16)), 2, order=2)
         >>> leaf.in_modes, leaf.rank
         ((4, 4), (2,))
@@ -400,8 +251,8 @@ def decompose_tt(
         )
     model = TTModel(host, in_modes, out_modes)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
-    warn_if_larger(model, ranks_, name)
-    factors = place_factors(tt_factors(model, ranks_, svd=svd, seed=seed), kernel)
+    _warn_if_larger(model, ranks_, name)
+    factors = _place_factors(_tt_factors(model, ranks_, svd=svd, seed=seed), kernel)
     return TTKernel(factors["cores"], in_modes=in_modes, out_modes=out_modes)
 
 
@@ -437,6 +288,7 @@ def decompose_tucker2(
       ValueError: naming `name`, for a non-4-D kernel or an invalid rank.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> leaf = decompose_tucker2(jnp.ones((3, 3, 8, 8)), (2, 4))
         >>> leaf.rank, leaf.shape
         ((2, 4), (3, 3, 8, 8))
@@ -445,8 +297,8 @@ def decompose_tucker2(
     _check_ndim(host, 4, "Tucker-2", name)
     model = Tucker2Model(host)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
-    warn_if_larger(model, ranks_, name)
-    factors = place_factors(tucker2_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
+    _warn_if_larger(model, ranks_, name)
+    factors = _place_factors(_tucker2_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
     return Tucker2Kernel(**factors, spec=spec or ConvSpec())
 
 
@@ -481,6 +333,7 @@ def decompose_cp(
       ValueError: naming `name`, for a non-4-D kernel or an invalid rank.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> leaf = decompose_cp(jnp.ones((3, 3, 4, 4)), 1)
         >>> bool(jnp.allclose(leaf.materialize(), 1.0, atol=1e-5))
         True
@@ -489,6 +342,6 @@ def decompose_cp(
     _check_ndim(host, 4, "CP", name)
     model = CPModel(host)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
-    warn_if_larger(model, ranks_, name)
-    factors = place_factors(cp_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
+    _warn_if_larger(model, ranks_, name)
+    factors = _place_factors(_cp_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
     return CPKernel(**factors, spec=spec or ConvSpec())

@@ -196,7 +196,15 @@ LayerRule = Union[FixedRank, RankRatio, ParamRatio, Energy, VBMF]
 
 
 def as_rule(ranks: RankRule) -> Union[LayerRule, ParamBudget, FlopBudget]:
-    """An int or tuple of ints means `FixedRank`; rule objects pass through."""
+    """An int or tuple of ints means `FixedRank`; rule objects pass through.
+
+    Raises:
+      ValueError: for anything else (a float, a string, ...).
+
+    Example:
+        >>> as_rule((4, 8))
+        FixedRank(rank=(4, 8), clip=True)
+    """
     if isinstance(ranks, (FixedRank, RankRatio, ParamRatio, Energy, VBMF, ParamBudget, FlopBudget)):
         return ranks
     if isinstance(ranks, (int, np.integer, tuple, list)) and not isinstance(ranks, bool):
@@ -221,7 +229,12 @@ def energy_rank(spectrum: np.ndarray, threshold: float) -> int:
 
 
 def tail_energy(spectrum: np.ndarray) -> np.ndarray:
-    """`t[r]` = fraction of the squared norm outside the first `r` singular values, r = 0..n."""
+    """`t[r]` = fraction of the squared norm outside the first `r` singular values, r = 0..n.
+
+    Example:
+        >>> tail_energy(np.array([2.0, 1.0])).tolist()
+        [1.0, 0.2, 0.0]
+    """
     s2 = np.asarray(spectrum, np.float64) ** 2
     total = s2.sum()
     tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
@@ -278,6 +291,11 @@ def clip_ranks(model: RankModel, ranks: Sequence[int], name: str, *, clip: bool 
 
     Raises:
       ValueError: naming `name`, for a rank below 1, or above the full rank when `clip` is False.
+
+    Example:
+        >>> from jaxcomp.decompose.structure import Tucker2Model
+        >>> clip_ranks(Tucker2Model(np.ones((3, 3, 4, 8))), (2, 6), "conv/kernel")
+        (2, 6)
     """
     out = []
     for k, (r, full) in enumerate(zip(ranks, model.full)):
@@ -319,6 +337,11 @@ def select_ranks(model: RankModel, rule: LayerRule, name: str) -> tuple[int, ...
     Raises:
       ValueError: naming `name`, when the rule does not apply to the method or a fixed rank is
         invalid.
+
+    Example:
+        >>> from jaxcomp.decompose.structure import SVDModel
+        >>> select_ranks(SVDModel(np.diag([3.0, 1.0, 0.1])), Energy(0.85), "dense/kernel")
+        (1,)
     """
     if isinstance(rule, FixedRank):
         return clip_ranks(model, model.expand(rule.rank, name), name, clip=rule.clip)
@@ -348,7 +371,11 @@ def select_ranks(model: RankModel, rule: LayerRule, name: str) -> tuple[int, ...
     if isinstance(rule, Energy):
         return clip_ranks(model, tuple(energy_rank(s, rule.threshold) for s, _ in spectra), name)
     if isinstance(rule, VBMF):
-        ranks = tuple(vbmf_spectrum(s, shape, sigma2=rule.sigma2).rank for s, shape in spectra)
+        # A mode of dimension 1 has nothing to choose (and one singular value estimates no noise).
+        ranks = tuple(
+            1 if full == 1 else vbmf_spectrum(s, shape, sigma2=rule.sigma2).rank
+            for (s, shape), full in zip(spectra, model.full)
+        )
         if min(ranks) < 1:
             warnings.warn(
                 f"{name}: VBMF finds no component above the noise level in some mode {ranks}; "

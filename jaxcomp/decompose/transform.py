@@ -17,18 +17,13 @@ from jaxcomp.core import is_compressed
 from jaxcomp.decompose import _host
 from jaxcomp.decompose.budget import allocate_ranks
 from jaxcomp.decompose.factorize import (
-    CPModel,
-    SVDModel,
-    TTModel,
-    Tucker2Model,
-    balanced_modes,
-    cp_factors,
-    place_factors,
-    svd_method,
-    svd_factors,
-    tt_factors,
-    tucker2_factors,
-    warn_if_larger,
+    _cp_factors,
+    _place_factors,
+    _svd_method,
+    _svd_factors,
+    _tt_factors,
+    _tucker2_factors,
+    _warn_if_larger,
 )
 from jaxcomp.decompose.leaves import (
     CPKernel,
@@ -46,6 +41,7 @@ from jaxcomp.decompose.ranks import (
     clip_ranks,
     select_ranks,
 )
+from jaxcomp.decompose.structure import CPModel, SVDModel, TTModel, Tucker2Model, balanced_modes
 from jaxcomp.tree import Where, key_path_str, leaves_with_paths, map_selected, selected_paths
 
 __all__ = ["METHODS", "decompose_tree", "map_factors"]
@@ -85,15 +81,15 @@ def _model(method: str, host, path: str, tt_order: int):
 
 def _leaf(method: str, model, ranks, kernel, spec: ConvSpec, n_iter_max: int | None, seed: int, svd: str):
     if method == "svd":
-        return SVDKernel(**place_factors(svd_factors(model, ranks, svd=svd, seed=seed), kernel))
+        return SVDKernel(**_place_factors(_svd_factors(model, ranks, svd=svd, seed=seed), kernel))
     if method == "tt":
-        cores = place_factors(tt_factors(model, ranks, svd=svd, seed=seed), kernel)["cores"]
+        cores = _place_factors(_tt_factors(model, ranks, svd=svd, seed=seed), kernel)["cores"]
         return TTKernel(cores, in_modes=model.in_modes, out_modes=model.out_modes)
     if method == "tucker2":
-        factors = tucker2_factors(model, ranks, n_iter_max=n_iter_max or 100, seed=seed, svd=svd)
-        return Tucker2Kernel(**place_factors(factors, kernel), spec=spec)
-    factors = cp_factors(model, ranks, n_iter_max=n_iter_max or 200, seed=seed, svd=svd)
-    return CPKernel(**place_factors(factors, kernel), spec=spec)
+        factors = _tucker2_factors(model, ranks, n_iter_max=n_iter_max or 100, seed=seed, svd=svd)
+        return Tucker2Kernel(**_place_factors(factors, kernel), spec=spec)
+    factors = _cp_factors(model, ranks, n_iter_max=n_iter_max or 200, seed=seed, svd=svd)
+    return CPKernel(**_place_factors(factors, kernel), spec=spec)
 
 
 def decompose_tree(
@@ -139,6 +135,7 @@ def decompose_tree(
         selects no kernel that `method` applies to.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> params = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
         >>> out = decompose_tree(params, 2)
         >>> type(out["Dense_0"]["kernel"]).__name__, out["Dense_0"]["kernel"].rank
@@ -148,7 +145,7 @@ def decompose_tree(
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if not isinstance(tt_order, int) or tt_order < 2:
         raise ValueError(f"tt_order must be an int >= 2, got {tt_order!r}")
-    svd_method(svd)
+    _svd_method(svd)
     rule = as_rule(ranks)
     chosen = set(selected_paths(params, where))
     targets: dict[str, tuple[str, Any]] = {}
@@ -175,7 +172,7 @@ def decompose_tree(
         chosen_ranks = {path: select_ranks(models[path], rule, path) for path in targets}
     if not isinstance(rule, (ParamBudget, FlopBudget)):
         for path, ranks_ in chosen_ranks.items():
-            warn_if_larger(models[path], ranks_, path)
+            _warn_if_larger(models[path], ranks_, path)
     leaves = {
         path: _leaf(
             targets[path][0], models[path], ranks_, targets[path][1], specs[path], n_iter_max, seed, svd
@@ -211,6 +208,7 @@ def map_factors(
       ValueError: if `where` selects no factorized leaf.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> tree = decompose_tree({"Dense_0": {"kernel": jnp.ones((8, 4))}}, 2)
         >>> halved = map_factors(lambda f: f / 2, tree)
         >>> float(halved["Dense_0"]["kernel"].materialize()[0, 0])

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxcomp
-from jaxcomp.decompose import CPKernel, ConvSpec, Energy, FixedRank, Tucker2Kernel
+from jaxcomp.decompose import CPKernel, ConvSpec, Energy, Tucker2Kernel
 from jaxcomp.nn.decompose import (
     FactorizedConv,
     FactorizedKernel,
@@ -20,8 +20,9 @@ from jaxcomp.nn.decompose import (
     decompose_nnx,
     intercept_factorized,
 )
+from jaxcomp.testing import models
+
 from decompose_helpers import numpy_init
-from jaxcomp.testing import models, nnx_models
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
 Y = jnp.array([1, 3])

@@ -25,7 +25,7 @@ from jaxcomp.decompose import (
     vbmf,
     vbmf_spectrum,
 )
-from jaxcomp.decompose.factorize import SVDModel, Tucker2Model
+from jaxcomp.decompose.structure import SVDModel, Tucker2Model
 from jaxcomp.decompose.vbmf import _tau_bar
 
 RNG = np.random.default_rng(0)
@@ -188,7 +188,7 @@ def test_unreachable_budgets_and_missing_flops_raise():
         allocate_ranks(models, ParamBudget(total=5))
     with pytest.raises(ValueError, match="d: FlopBudget.dense_flops has no entry"):
         allocate_ranks(models, FlopBudget(total=5, dense_flops={"x": 10}))
-    from jaxcomp.decompose.factorize import CPModel
+    from jaxcomp.decompose.structure import CPModel
 
     with pytest.raises(ValueError, match="c: a ParamBudget needs singular values"):
         allocate_ranks({"c": CPModel(CONV)}, ParamBudget(total=100))

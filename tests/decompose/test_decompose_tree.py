@@ -19,8 +19,9 @@ from jaxcomp.decompose import (
     decompose_tree,
     map_factors,
 )
-from decompose_helpers import numpy_init
 from jaxcomp.testing.models import LeNet5
+
+from decompose_helpers import numpy_init
 
 MODEL = LeNet5()
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 1)), jnp.float32)
@@ -148,7 +149,7 @@ def test_fine_tuning_the_factors_with_optax():
 def test_tensorly_backend_and_x64_flag_are_left_as_the_user_had_them():
     """Decomposing selects tensorly's numpy backend only for itself: a user's jax backend stays,
     and jax_enable_x64 stays off (tensorly's jax backend switches it on when it loads)."""
-    previous = tl.get_backend()
+    previous, x64 = tl.get_backend(), bool(jax.config.jax_enable_x64)
     try:
         tl.set_backend("jax")
         jax.config.update("jax_enable_x64", False)
@@ -158,6 +159,6 @@ def test_tensorly_backend_and_x64_flag_are_left_as_the_user_had_them():
         assert tree["Conv_1"]["kernel"].core.dtype == jnp.float32
     finally:
         tl.set_backend(previous)
-        jax.config.update("jax_enable_x64", False)
+        jax.config.update("jax_enable_x64", x64)
     decompose_tree(PARAMS, 2, where=r"Conv_1/kernel")
-    assert tl.get_backend() == previous and not jax.config.jax_enable_x64
+    assert tl.get_backend() == previous and bool(jax.config.jax_enable_x64) == x64
