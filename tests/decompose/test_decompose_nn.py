@@ -1,0 +1,240 @@
+"""Flax integration: NNX module surgery and the Linen interceptor run the factor sequences."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxcomp
+from jaxcomp.decompose import CPKernel, ConvSpec, Energy, Tucker2Kernel
+from jaxcomp.nn.decompose import (
+    FactorizedConv,
+    FactorizedKernel,
+    FactorizedLinear,
+    conv_specs_linen,
+    decompose_linen,
+    decompose_nnx,
+    intercept_factorized,
+)
+from jaxcomp.testing import models
+
+from decompose_helpers import numpy_init
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+Y = jnp.array([1, 3])
+
+
+class Tiny(nnx.Module):
+    """A small NNX model with a stride-2 conv, a dilated conv, a 1x1 stride-2 shortcut, BatchNorm
+    and two Linear layers. Built with zero initializers (no per-shape random compile), then given
+    random weights from numpy."""
+
+    def __init__(self):
+        rngs, zeros = nnx.Rngs(0), nnx.initializers.zeros
+        self.conv1 = nnx.Conv(3, 8, (3, 3), strides=2, kernel_init=zeros, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 8, (3, 3), kernel_dilation=2, kernel_init=zeros, rngs=rngs)
+        self.shortcut = nnx.Conv(3, 8, (1, 1), strides=2, use_bias=False, kernel_init=zeros, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.hidden = nnx.Linear(8, 12, kernel_init=zeros, rngs=rngs)
+        self.head = nnx.Linear(12, 10, kernel_init=zeros, rngs=rngs)
+        rng = np.random.default_rng(0)
+        for layer in (self.conv1, self.conv2, self.shortcut, self.hidden, self.head):
+            shape = layer.kernel.get_value().shape
+            layer.kernel.set_value(jnp.asarray(rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1])), jnp.float32))
+
+    def __call__(self, x):
+        y = self.conv2(nnx.relu(self.conv1(x)))
+        y = nnx.relu(self.norm(y + self.shortcut(x)))
+        return self.head(nnx.relu(self.hidden(y.mean(axis=(1, 2)))))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Tiny()
+    model.eval()
+    return model
+
+
+@nnx.jit
+def nnx_forward(model, x):
+    return model(x)
+
+
+def test_nnx_surgery_replaces_layers_and_keeps_the_models_call(tiny):
+    """decompose_nnx swaps the selected Conv/Linear layers for factorized ones (stride-2 and dilated
+    convs keep their spec); the model's own __call__ runs them; the original model is unchanged."""
+    model = tiny
+    new = decompose_nnx(model, 2, where=r"(conv.|shortcut|head)/kernel")
+    assert isinstance(new.conv1, FactorizedConv) and isinstance(new.shortcut, FactorizedConv)
+    assert new.conv1.kernel.as_leaf().spec == ConvSpec(strides=2)
+    assert new.conv2.kernel.as_leaf().spec == ConvSpec(dilation=2)
+    assert isinstance(new.head, FactorizedLinear) and isinstance(new.hidden, nnx.Linear)
+    assert isinstance(model.conv1, nnx.Conv) and new.shortcut.bias is None
+    out = nnx_forward(new, X)
+    # The same factors, materialized into the original layers, give the same function.
+    reference = nnx.clone(model)
+    for parts, module in nnx.iter_modules(new):
+        if isinstance(module, (FactorizedConv, FactorizedLinear)):
+            target = reference
+            for part in parts:
+                target = target[part] if isinstance(part, int) else getattr(target, part)
+            target.kernel.set_value(module.kernel.as_leaf().materialize())
+    chex.assert_trees_all_close(out, nnx_forward(reference, X), atol=1e-5)
+
+
+def test_nnx_full_rank_is_the_original_function(tiny):
+    """At full rank (Energy(1.0)) the decomposed model computes the original function."""
+    new = decompose_nnx(tiny, Energy(1.0))
+    chex.assert_trees_all_close(nnx_forward(new, X), nnx_forward(tiny, X), atol=1e-5)
+
+
+def test_nnx_factors_are_params_at_kernel_paths_and_fine_tune_with_optax(tiny):
+    """The factors are nnx.Params under each layer's kernel path; nnx.Optimizer trains them."""
+    model = decompose_nnx(tiny, 2, where=r"(conv2|hidden)/kernel")
+    model.train()
+    paths = jaxcomp.tree_paths(nnx.state(model, nnx.Param))
+    assert {"conv2/kernel/core", "conv2/kernel/u_in", "conv2/kernel/u_out",
+            "hidden/kernel/u", "hidden/kernel/v", "conv2/bias"} <= set(paths)
+    before = model.conv2.kernel.core.get_value()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(X), Y).mean()
+        value, grads = nnx.value_and_grad(loss)(model)
+        optimizer.update(model, grads)
+        return value
+
+    losses = [float(step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert not np.allclose(model.conv2.kernel.core.get_value(), before)
+
+
+def test_nnx_cp_and_tt_layers(tiny):
+    """CP convolutions and TT dense layers are module-surgery targets too."""
+    new = decompose_nnx(tiny, 3, method="cp", where=r"conv2/kernel")
+    new = decompose_nnx(new, 2, method="tt", tt_order=2, where=r"hidden/kernel")
+    assert isinstance(new.conv2.kernel.as_leaf(), CPKernel)
+    assert isinstance(new.hidden, FactorizedLinear) and new.hidden.kernel.as_leaf().kind == "TT"
+    assert nnx_forward(new, X).shape == (2, 10)
+
+
+def test_nnx_surgery_rejects_unsupported_layers(tiny):
+    """Grouped convolutions raise ValueError naming the path; selecting no layer raises."""
+
+    class Grouped(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(4, 4, (3, 3), feature_group_count=2, kernel_init=nnx.initializers.zeros,
+                                 rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="conv/kernel: grouped convolution"):
+        decompose_nnx(Grouped(), 2)
+    with pytest.raises(ValueError, match="selects no kernel of an nnx.Linear or nnx.Conv"):
+        decompose_nnx(tiny, 2, where=r".*norm.*")
+
+
+def test_factorized_kernel_module_round_trips_the_leaf():
+    """FactorizedKernel holds one Param per factor and rebuilds the same leaf (None factors too)."""
+    leaf = Tucker2Kernel(jnp.ones((3, 3, 2, 2)), None, jnp.ones((2, 5)), spec=ConvSpec(strides=2))
+    module = FactorizedKernel(leaf)
+    chex.assert_trees_all_equal(module.as_leaf(), leaf)
+    assert sorted(nnx.state(module, nnx.Param).keys()) == ["core", "u_out"]
+
+
+LINEN = models.ResNet(stage_features=(4, 8), blocks_per_stage=1)
+LINEN_VARS = numpy_init(LINEN, X)
+
+
+@jax.jit
+def linen_dense(variables, x):
+    return LINEN.apply(variables, x)
+
+
+@jax.jit
+def linen_factorized(variables, x):
+    with intercept_factorized():
+        return LINEN.apply(variables, x)
+
+
+def test_linen_interceptor_runs_the_factors_and_equals_materialize():
+    """With intercept_factorized, nn.Conv/nn.Dense with factorized kernels run their factor
+    sequences (strides from the module) and match the dense model on the materialized tree."""
+    variables = decompose_linen(LINEN, LINEN_VARS, X, ranks=2, where=r".*(Conv|conv).*kernel|head/kernel")
+    kernel = variables["params"]["stage1_block0"]["Conv_0"]["kernel"]
+    assert isinstance(kernel, Tucker2Kernel) and kernel.spec == ConvSpec(strides=2)
+    got = linen_factorized(variables, X)
+    want = linen_dense(jaxcomp.materialize(variables), X)
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+    counted = jaxcomp.count_flops(lambda p, x: linen_factorized({**variables, "params": p}, x), variables["params"], X)
+    assert counted["stage1_block0/Conv_0/kernel"] == kernel.flops((2, 8, 8, 4))
+
+
+def test_linen_interceptor_uses_the_modules_own_spec():
+    """The interceptor takes stride/padding/dilation from the Linen module, not the leaf."""
+    tree = jaxcomp.decompose.decompose_tree(LINEN_VARS["params"], 2, where=r"stage1_block0/Conv_0/kernel")
+    assert tree["stage1_block0"]["Conv_0"]["kernel"].spec == ConvSpec()
+    got = linen_factorized({**LINEN_VARS, "params": tree}, X)
+    chex.assert_trees_all_close(got, linen_dense({**LINEN_VARS, "params": jaxcomp.materialize(tree)}, X), atol=1e-5)
+
+
+def test_linen_conv_specs_are_read_from_the_model():
+    """conv_specs_linen reads each nn.Conv's stride, padding and dilation by kernel path."""
+    specs = conv_specs_linen(LINEN, LINEN_VARS, X)
+    assert specs["stage1_block0/Conv_0/kernel"] == ConvSpec(strides=2)
+    assert specs["stage1_block0/shortcut_conv/kernel"] == ConvSpec(strides=2)
+    assert specs["stem_conv/kernel"] == ConvSpec()
+
+
+class TinyLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def test_linen_fine_tuning_through_the_interceptor():
+    """A jitted optax step through the interceptor trains the factors (gradients reach them)."""
+    model = TinyLinen()
+    variables = decompose_linen(model, numpy_init(model, X), X, ranks=2)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            with intercept_factorized():
+                logits = model.apply({"params": p}, X)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    params, state = variables["params"], tx.init(variables["params"])
+    losses = []
+    for _ in range(5):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    assert isinstance(params["Conv_0"]["kernel"], Tucker2Kernel)
+    assert params["Conv_0"]["kernel"].spec == ConvSpec(strides=2)
+
+
+def test_linen_without_interceptor_fails_loudly_and_mismatch_raises():
+    """Without the interceptor Flax rejects the factorized kernel's shape; a Conv kernel in a Dense
+    layer raises ValueError naming the path."""
+    model = nn.Dense(4)
+    variables = numpy_init(model, jnp.ones((1, 8)))
+    tree = jaxcomp.decompose.decompose_tree(variables["params"], 2)
+    with pytest.raises(Exception, match="shape"):
+        model.apply({"params": tree}, jnp.ones((1, 8)))
+    wrong = {"kernel": Tucker2Kernel(jnp.ones((1, 1, 8, 4))), "bias": jnp.zeros(4)}
+    with pytest.raises(ValueError, match="kernel: a Dense layer holds a Tucker2 kernel"):
+        with intercept_factorized():
+            model.apply({"params": wrong}, jnp.ones((1, 8)))
