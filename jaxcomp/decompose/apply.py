@@ -181,9 +181,10 @@ def _depthwise_taps(
     XLA's CPU depthwise convolution (`feature_group_count = channels`) runs several times slower
     than these fused elementwise taps; on accelerators both are memory-bound.
     """
-    config = [(0, 0, 0)] * t.ndim
-    config[axis] = (pad[0], pad[1], 0)
-    t = lax.pad(t, jnp.zeros((), t.dtype), config)
+    if pad != (0, 0):
+        config = [(0, 0, 0)] * t.ndim
+        config[axis] = (pad[0], pad[1], 0)
+        t = lax.pad(t, jnp.zeros((), t.dtype), config)
     size = t.shape[axis]
     length = (size - ((taps.shape[0] - 1) * dilation + 1)) // stride + 1
     out = None
@@ -231,8 +232,11 @@ def cp_conv(
     (sh, sw), (dh, dw) = spec.strides, spec.dilation
     t = _matmul(x, a_in, precision)
     t, pads = _spatial_pad(t, spec, pads)
-    t = _depthwise_taps(t, a_h, 1, sh, dh, pads[0])
-    t = _depthwise_taps(t, a_w, 2, sw, dw, pads[1])
+    # One pad of both spatial axes: padding again between the stages costs a whole extra pass.
+    zero = jnp.zeros((), t.dtype)
+    t = lax.pad(t, zero, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    t = _depthwise_taps(t, a_h, 1, sh, dh, (0, 0))
+    t = _depthwise_taps(t, a_w, 2, sw, dw, (0, 0))
     y = _matmul(t, a_out, precision)
     return _add_bias(y.reshape(*batch_shape, *y.shape[1:]), bias)
 
