@@ -601,7 +601,11 @@ class QuantizedLayer(nnx.Module):
             "feature_group_count", "einsum_str") if hasattr(source, name)}
         self.mask = getattr(source, "mask", None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        y = self._apply(x)
+        return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+    def _apply(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel.get_value()
         bias = None if self.bias is None else self.bias.get_value()
         params = None

@@ -84,7 +84,7 @@ class Codebook(CompressedLeaf):
         return np.dtype(self.dense_dtype)
 
     def materialize(self) -> jax.Array:
-        return self.centroids[self.indices.astype(jnp.int32)].astype(self.dense_dtype)
+        return _materialize(self)
 
     def packed_indices(self) -> np.ndarray:
         """The indices bit-packed into a numpy `uint8` buffer (see `jaxcomp.quant.pack_bits`)."""
@@ -97,6 +97,11 @@ class Codebook(CompressedLeaf):
     def summary(self) -> str:
         return f"{self.method}, {self.bits}-bit indices ({bit_width(self.indices.dtype)} stored), " \
                f"{self.centroids.shape[0]} centroids"
+
+
+@jax.jit
+def _materialize(cb: Codebook) -> jax.Array:
+    return cb.centroids[cb.indices.astype(jnp.int32)].astype(cb.dense_dtype)
 
 
 def _assign(x: jax.Array, centroids: jax.Array) -> jax.Array:

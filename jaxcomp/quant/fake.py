@@ -139,11 +139,18 @@ def fake_quant(
     check_float(x, path)
     x = jnp.asarray(x)
     lay = layout(x.shape, spec, path)
+    if params is not None:
+        params = _check_params(params, lay, path)
+    rounding_noise(key, (), spec, path)  # validates the key
+    return _fake_quant_program(x, params, key, spec, lay, ste)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _fake_quant_program(x, params, key, spec, lay, ste):
+    # One compiled program per shape and spec when called eagerly; inlined under an outer jit.
     if params is None:
         params = params_from_range(*quant_range(jax.lax.stop_gradient(x), spec, lay), spec)
-    else:
-        params = _check_params(params, lay, path)
-    noise = rounding_noise(key, lay.grouped_shape, spec, path)
+    noise = rounding_noise(key, lay.grouped_shape, spec)
     return _fake_quant(spec, lay, ste, x, params.scale, params.zero_point, noise)
 
 

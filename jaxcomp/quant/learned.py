@@ -88,10 +88,14 @@ def lsq_init(x: jax.Array, spec: QuantSpec, path: str = "x") -> jax.Array:
     """
     check_float(x, path)
     _check_spec(spec, "LSQ", path)
-    lay = layout(x.shape, spec, path)
+    return _lsq_init(jnp.asarray(x), layout(jnp.shape(x), spec, path), spec.qmax)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _lsq_init(x, lay: Layout, qmax: int) -> jax.Array:
     mean_abs = jnp.mean(jnp.abs(to_grouped(x, lay).astype(jnp.float32)), axis=lay.reduce_axes,
                         keepdims=True)
-    step = 2.0 * mean_abs / math.sqrt(spec.qmax)
+    step = 2.0 * mean_abs / math.sqrt(qmax)
     return jnp.where(step > 0, step, 1.0)
 
 
@@ -125,6 +129,8 @@ def _lsq_bwd(spec, lay, grad_scale, residuals, g):
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+# One compiled program per shape and spec when called eagerly; inlined under an outer jit.
+_lsq_program = jax.jit(_lsq, static_argnums=(0, 1, 2))
 
 
 def lsq_fake_quant(
@@ -167,7 +173,7 @@ def lsq_fake_quant(
     _check_shape(step, lay, "step", path)
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(lay.elements_per_scale * spec.qmax)
-    return _lsq(spec, lay, float(grad_scale), x, step)
+    return _lsq_program(spec, lay, float(grad_scale), x, step)
 
 
 def lsq_init_tree(params: Any, spec: QuantSpec, *, where: Where = None) -> dict[str, jax.Array]:
@@ -251,6 +257,7 @@ def _pact_bwd(spec, residuals, g):
 
 
 _pact.defvjp(_pact_fwd, _pact_bwd)
+_pact_program = jax.jit(_pact, static_argnums=(0,))
 
 
 def pact_fake_quant(x: jax.Array, alpha: jax.Array, spec: QuantSpec, *, path: str = "x") -> jax.Array:
@@ -284,7 +291,7 @@ def pact_fake_quant(x: jax.Array, alpha: jax.Array, spec: QuantSpec, *, path: st
         ok = False
     if not ok:
         raise ValueError(f"{path}: alpha of shape {alpha.shape} does not broadcast to {x.shape}")
-    return _pact(spec, x, alpha)
+    return _pact_program(spec, x, alpha)
 
 
 def pact_penalty(alphas: Any, weight: float = 1e-4) -> jax.Array:

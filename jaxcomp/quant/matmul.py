@@ -376,7 +376,36 @@ def qdot(
     x = jnp.asarray(x)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     dims = _normalize_dims(dimension_numbers, x.ndim, len(w.shape), path)
+    if activations is not None and not dims[1][0]:
+        _check_activation_scales(x.shape, activations, act_params, dims[0][0], path)
+    return _qdot_program(x, w, act_params, dims, activations, strategy, out_dtype)
+
+
+def _check_activation_scales(shape, activations: QuantSpec, act_params, contract, path: str) -> None:
+    lay = layout(shape, activations, path)
+    if lay.grouped_shape != lay.shape or any(lay.params_shape[a] != 1 for a in contract):
+        raise ValueError(
+            f"{path}: activation scales must be shared along the contracted axes {tuple(contract)} "
+            f"(per-tensor or per-row), got {activations.describe()}"
+        )
+    if act_params is not None:
+        for name, value in zip(("scale", "zero_point"), act_params):
+            if value is None:
+                continue
+            try:
+                ok = jnp.broadcast_shapes(jnp.shape(value), lay.params_shape) == lay.params_shape
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}: act_params.{name} of shape {jnp.shape(value)} does not "
+                                 f"broadcast to {lay.params_shape}")
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _qdot_program(x, w: QArray, act_params, dims, activations, strategy, out_dtype):
+    # One compiled program per shape and configuration when called eagerly; inlined under jit.
     (xc, wc), (xb, wb) = dims
+    path = "x"
     if activations is None:
         return _weight_only(x, w, dims, out_dtype)
     lay_w = layout(w.shape, w.spec)
@@ -449,11 +478,20 @@ def qconv(
     check_float(x, path)
     x = jnp.asarray(x)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    kernel_shape = w.shape
-    dn = lax.conv_dimension_numbers(x.shape, kernel_shape, dimension_numbers)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+    if not isinstance(padding, str):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     n_spatial = len(dn.lhs_spec) - 2
-    lhs_dilation = tuple(lhs_dilation or (1,) * n_spatial)
-    rhs_dilation = tuple(rhs_dilation or (1,) * n_spatial)
+    options = (tuple(window_strides), padding, tuple(lhs_dilation or (1,) * n_spatial),
+               tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
+    return _qconv_program(x, w, act_params, options, activations, strategy, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out_dtype):
+    window_strides, padding, lhs_dilation, rhs_dilation, dn, feature_group_count = options
+    path = "x"
+    kernel_shape = w.shape
     conv = functools.partial(
         lax.conv_general_dilated, window_strides=tuple(window_strides), lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dn, feature_group_count=feature_group_count,

@@ -12,6 +12,7 @@ The codes may be stored transposed (`perm`), which integer matmuls prefer on som
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -28,6 +29,7 @@ from jaxcomp.quant.numerics import (
     layout,
     quant_params,
     quantize_codes,
+    rounding_noise,
 )
 from jaxcomp.quant.spec import QuantSpec
 from jaxcomp.tree import Where, map_selected
@@ -92,7 +94,7 @@ class QArray(CompressedLeaf):
         return jnp.transpose(self.values, np.argsort(self.perm))
 
     def materialize(self) -> jax.Array:
-        return dequantize_codes(self.codes(), self.params, self.spec, self.dtype)
+        return _materialize(self)
 
     def transpose_storage(self, perm: tuple[int, ...] | None) -> QArray:
         """The same array with its codes stored in the axis order `perm` of the dense shape.
@@ -128,6 +130,12 @@ class QArray(CompressedLeaf):
     def summary(self) -> str:
         scales = "x".join(map(str, self.scale.shape)) or "1"
         return f"{self.spec.describe()}, scales {scales}"
+
+
+@jax.jit
+def _materialize(q: QArray) -> jax.Array:
+    # Jitted so eager callers (reports, export) run one program, not one dispatch per op.
+    return dequantize_codes(q.codes(), q.params, q.spec, q.dtype)
 
 
 def pack_bits(codes: np.ndarray) -> np.ndarray:
@@ -205,15 +213,23 @@ def quantize(
     check_float(x, path)
     x = jnp.asarray(x)
     check_finite(x, path)
-    lay = layout(x.shape, spec, path)
+    layout(x.shape, spec, path)  # validates axes and groups, naming the path
+    rounding_noise(key, (), spec, path)  # validates the key for stochastic rounding
+    return _quantize(x, params, key, spec)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _quantize(x, params: QuantParams | None, key, spec: QuantSpec) -> QArray:
+    """The arithmetic of `quantize`, one compiled program per shape and spec."""
+    lay = layout(x.shape, spec)
     if params is None:
-        params = quant_params(x, spec, path)
+        params = quant_params(x, spec)
     else:
         scale = jnp.broadcast_to(jnp.asarray(params.scale, jnp.float32), lay.params_shape)
         zero = params.zero_point
         zero = None if zero is None else jnp.broadcast_to(jnp.asarray(zero, jnp.float32), lay.params_shape)
         params = QuantParams(scale, zero)
-    values = quantize_codes(x, params, spec, key=key, path=path)
+    values = quantize_codes(x, params, spec, key=key)
     zero_point = None if params.zero_point is None else params.zero_point.astype(spec.storage_dtype)
     return QArray(values, params.scale, zero_point, spec, np.dtype(x.dtype))
 
