@@ -55,20 +55,21 @@ def _fake_quant(spec, lay, ste, x, scale, zero_point, noise):
 
 def _fake_quant_fwd(spec, lay, ste, x, scale, zero_point, noise):
     out = _forward(spec, lay, x, scale, zero_point, noise)
-    residuals = (x, scale, zero_point, noise) if ste == "clipped" else (None, scale, zero_point, noise)
-    return out, residuals
-
-
-def _zeros(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
+    # The plain estimator keeps no residual, so XLA fuses the scale into the forward pass.
+    return out, (x, scale, zero_point) if ste[0] == "clipped" else None
 
 
 def _fake_quant_bwd(spec, lay, ste, residuals, g):
-    x, scale, zero_point, noise = residuals
+    ste, has_zero, has_noise = ste
+    # Scales, zero points (shape lay.params_shape) and rounding noise get no gradient.
+    zeros = jnp.zeros(lay.params_shape, jnp.float32)
+    zero_cots = (zeros, zeros if has_zero else None,
+                 jnp.zeros(lay.grouped_shape, jnp.float32) if has_noise else None)
     if ste == "plain":
-        return g, _zeros(scale), _zeros(zero_point), _zeros(noise)
+        return (g, *zero_cots)
+    x, scale, zero_point = residuals
     xg = to_grouped(x, lay).astype(jnp.promote_types(x.dtype, jnp.float32))
-    v = xg * (1.0 / scale.astype(xg.dtype))
+    v = xg / scale.astype(xg.dtype)
     if zero_point is not None:
         v = v + zero_point.astype(xg.dtype)
     # Compare the rounded code (as torch.ao does), so an element at the range's edge that lands a
@@ -76,13 +77,14 @@ def _fake_quant_bwd(spec, lay, ste, residuals, g):
     code = v if spec.is_fp8 else jnp.round(v)
     inside = (code >= spec.qmin) & (code <= spec.qmax)
     dx = jnp.where(from_grouped(inside, lay), g, jnp.zeros_like(g))
-    return dx, _zeros(scale), _zeros(zero_point), _zeros(noise)
+    return (dx, *zero_cots)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def _check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
+    """Validates static params and broadcasts them to `lay.params_shape` (float32)."""
     for name, value in (("scale", params.scale), ("zero_point", params.zero_point)):
         if value is None:
             continue
@@ -95,8 +97,10 @@ def _check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
                 f"{path}: {name} of shape {jnp.shape(value)} does not broadcast to the "
                 f"quantization parameter shape {lay.params_shape} of an input of shape {lay.shape}"
             )
-    scale = jnp.asarray(params.scale, jnp.float32)
-    zero_point = None if params.zero_point is None else jnp.asarray(params.zero_point, jnp.float32)
+    scale = jnp.broadcast_to(jnp.asarray(params.scale, jnp.float32), lay.params_shape)
+    zero_point = params.zero_point
+    if zero_point is not None:
+        zero_point = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), lay.params_shape)
     return QuantParams(scale, zero_point)
 
 
@@ -142,16 +146,25 @@ def fake_quant(
     if params is not None:
         params = _check_params(params, lay, path)
     rounding_noise(key, (), spec, path)  # validates the key
+    if params is None and spec.signed and spec.symmetric:
+        # A range taken from x itself clips nothing on a signed symmetric grid, so the clipped
+        # estimator is the identity: skip its mask (and the residuals it would keep).
+        ste = "plain"
     return _fake_quant_program(x, params, key, spec, lay, ste)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _fake_quant_program(x, params, key, spec, lay, ste):
     # One compiled program per shape and spec when called eagerly; inlined under an outer jit.
+    # The barrier keeps XLA from moving a caller's reshape (e.g. a flattened NHWC image with one
+    # channel) after the elementwise pass, where a trailing size-1 axis defeats vectorization on
+    # CPU; it costs nothing at run time.
+    x = jax.lax.optimization_barrier(x)
     if params is None:
         params = params_from_range(*quant_range(jax.lax.stop_gradient(x), spec, lay), spec)
     noise = rounding_noise(key, lay.grouped_shape, spec)
-    return _fake_quant(spec, lay, ste, x, params.scale, params.zero_point, noise)
+    flags = (ste, params.zero_point is not None, noise is not None)
+    return _fake_quant(spec, lay, flags, x, params.scale, params.zero_point, noise)
 
 
 def fake_quant_tree(

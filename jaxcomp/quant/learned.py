@@ -100,6 +100,8 @@ def _lsq_init(x, lay: Layout, qmax: int) -> jax.Array:
 
 
 def _lsq_parts(spec: QuantSpec, lay: Layout, x, step):
+    # See fake._fake_quant_program: keeps a caller's reshape ahead of the elementwise pass.
+    x = jax.lax.optimization_barrier(x)
     xg = to_grouped(x, lay).astype(jnp.promote_types(x.dtype, jnp.float32))
     s = jnp.maximum(step.astype(xg.dtype), _TINY)
     v = xg * (1.0 / s)

@@ -141,16 +141,24 @@ def check_finite(x: jax.typing.ArrayLike, path: str = "x") -> None:
     """
     if isinstance(x, jax.core.Tracer):
         return
-    array = np.asarray(jax.device_get(x))
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.kind != "V":
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
         return
-    bad = ~np.isfinite(array.astype(np.float32))
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
+    # Reduced on the device(s) holding x: only three scalars come back, never the array.
+    count, first = jax.device_get(_non_finite(x))
+    if count:
+        index = tuple(int(i) for i in np.unravel_index(int(first), x.shape))
+        value = jax.device_get(x[index])
         raise ValueError(
-            f"{path}: {int(bad.sum())} NaN/Inf value(s), e.g. {array[index]} at index {index}; "
+            f"{path}: {int(count)} NaN/Inf value(s), e.g. {value} at index {index}; "
             "quantization ranges need finite values"
         )
+
+
+@jax.jit
+def _non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bad = ~jnp.isfinite(x.reshape(-1))
+    return jnp.sum(bad), jnp.argmax(bad)
 
 
 def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -202,8 +210,12 @@ def params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPar
         >>> round(float(p.scale) * 255, 4), float(p.zero_point)
         (8.0, -64.0)
     """
-    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0)
-    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0)
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    shape = jnp.broadcast_shapes(lo.shape, hi.shape)
+    if math.prod(shape) == 1:
+        # Computed on 0-d values (reshaped back below) so XLA fuses it into its consumers.
+        lo, hi = lo.reshape(()), hi.reshape(())
+    lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
     if spec.symmetric:
         span = jnp.maximum(-lo, hi) if spec.signed else hi
         scale = span / spec.qmax
@@ -213,8 +225,8 @@ def params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPar
     # A zero (or underflowed) scale would divide by zero; any positive scale maps 0 to 0.
     scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
     if not spec.symmetric:
-        zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax)
-    return QuantParams(scale, zero_point)
+        zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax).reshape(shape)
+    return QuantParams(scale.reshape(shape), zero_point)
 
 
 def quant_params(x: jax.Array, spec: QuantSpec, path: str = "x") -> QuantParams:
@@ -229,13 +241,20 @@ def quant_params(x: jax.Array, spec: QuantSpec, path: str = "x") -> QuantParams:
     return params_from_range(*quant_range(x, spec, lay), spec)
 
 
+def _scalar_if_single(v: jax.Array | None) -> jax.Array | None:
+    # A 0-d scale lets XLA fuse its computation into the elementwise pass; a (1, 1) one does not.
+    return v.reshape(()) if v is not None and v.size == 1 else v
+
+
 def codes_from_grouped(
     xg: jax.Array, params: QuantParams, spec: QuantSpec, noise: jax.Array | None = None
 ) -> jax.Array:
     """Integer-valued float codes of a grouped array (the core of every quantizer)."""
+    params = QuantParams(_scalar_if_single(params.scale), _scalar_if_single(params.zero_point))
     xg = xg.astype(_compute_dtype(xg.dtype))
-    inv_scale = 1.0 / params.scale.astype(xg.dtype)
-    v = xg * inv_scale
+    # A division per element (not a multiply by 1/s) lets XLA fuse the scale computation into
+    # this elementwise pass instead of running it as a separate kernel, and rounds exactly.
+    v = xg / params.scale.astype(xg.dtype)
     if spec.is_fp8:
         fp8 = spec.storage_dtype
         return jnp.clip(v, spec.qmin, spec.qmax).astype(fp8).astype(xg.dtype)
@@ -247,6 +266,7 @@ def codes_from_grouped(
 
 def values_from_codes(q: jax.Array, params: QuantParams) -> jax.Array:
     """`scale * (q - zero_point)` on grouped codes."""
+    params = QuantParams(_scalar_if_single(params.scale), _scalar_if_single(params.zero_point))
     if params.zero_point is not None:
         q = q - params.zero_point.astype(q.dtype)
     return q * params.scale.astype(q.dtype)
