@@ -103,8 +103,10 @@ def _lsq_parts(spec: QuantSpec, lay: Layout, x, step):
     # See fake._fake_quant_program: keeps a caller's reshape ahead of the elementwise pass.
     x = jax.lax.optimization_barrier(x)
     xg = to_grouped(x, lay).astype(jnp.promote_types(x.dtype, jnp.float32))
+    # A 0-d step lets XLA fuse its use into the elementwise passes (a (1, 1) one does not).
+    step = step.reshape(()) if step.size == 1 else step
     s = jnp.maximum(step.astype(xg.dtype), _TINY)
-    v = xg * (1.0 / s)
+    v = xg / s
     return xg, s, v, jnp.clip(jnp.round(v), spec.qmin, spec.qmax)
 
 
