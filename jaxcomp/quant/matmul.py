@@ -23,12 +23,13 @@ measures both layouts of each 2-D kernel once and stores the codes in the faster
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -279,17 +280,30 @@ def _random_like(w: QArray, key) -> QArray:
     return QArray(values, scale, zero, w.spec, w.dense_dtype, w.perm)
 
 
-def _time(fns: dict[str, Any], args: tuple, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per call of each jitted fn, interleaved, compile excluded."""
-    for fn in fns.values():
+def _outside_trace(measure: Callable[[], Any]) -> Any:
+    """Runs `measure` in a fresh thread: JAX's trace state is per thread, so concrete timing
+    runs at full speed even while the caller is being traced (the hot path never measures)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(measure).result()
+
+
+def _time(fns: dict[str, Any], args: tuple, rounds: int = 7, sample_s: float = 2e-3) -> dict[str, float]:
+    """Median seconds per call of each jitted fn: compile excluded, candidates interleaved round
+    by round, each sample at least `sample_s` long (many calls for fast functions)."""
+    number = {}
+    for name, fn in fns.items():
         jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
         jax.block_until_ready(fn(*args))
+        number[name] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(number[name]):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / number[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -312,10 +326,8 @@ def _choose_strategy(x, w, dims, activations, act_params, out_dtype) -> str:
                 x_, w_, activations=activations, act_params=p_, dimension_numbers=dims,
                 strategy=name, out_dtype=out_dtype))
 
-        # Timing runs concrete computations, also when called while tracing the caller.
-        with jax.ensure_compile_time_eval():
-            args = _timing_inputs(x, w, act_params)
-            times = _time({name: candidate(name) for name in candidates}, args)
+        times = _outside_trace(lambda: _time({name: candidate(name) for name in candidates},
+                                             _timing_inputs(x, w, act_params)))
         _CHOICES[key] = min(times, key=times.get)
     return _CHOICES[key]
 
@@ -560,9 +572,8 @@ def _choose_conv_strategy(x, w, conv, padding, activations, act_params, out_dtyp
                 x_, w_, padding=padding, dimension_numbers=dn, activations=activations,
                 act_params=p_, strategy=name, out_dtype=out_dtype, **options))
 
-        with jax.ensure_compile_time_eval():
-            args = _timing_inputs(x, w, act_params)
-            times = _time({name: candidate(name) for name in ("int8", "dequantize")}, args)
+        times = _outside_trace(lambda: _time({name: candidate(name) for name in ("int8", "dequantize")},
+                                             _timing_inputs(x, w, act_params)))
         _CHOICES[key] = min(times, key=times.get)
     return _CHOICES[key]
 
@@ -573,56 +584,71 @@ def prepare_for_serving(
     where: Where = None,
     batch_sizes: Sequence[int] = (8,),
     activations: QuantSpec | None = DEFAULT_ACTIVATIONS,
+    allow_float: bool = False,
 ) -> Any:
     """Stores each 2-D `QArray` (a Dense kernel, (K, N)) in the layout `qdot` runs fastest.
 
-    For every selected 2-D `QArray`, the int8 dot is timed once (per shape, cached) at each of
+    For every selected 2-D `QArray`, `qdot` is timed once per shape (and cached) at each of
     `batch_sizes` rows with the codes stored (K, N) and (N, K); the faster total wins and the
     codes are transposed accordingly (`QArray.perm`). Values, `materialize()` and `nbytes` are
     unchanged. Call it once, outside `jit`, on the output of `quantize_tree`.
 
+    With `allow_float=True`, a float32 matmul with the dequantized kernel is a third candidate:
+    where it is measured faster (on XLA's CPU backend, typically small layers at batch 1), the
+    leaf comes back as a dense float array, trading that layer's memory saving for speed.
+
     Args:
       params: a tree with `QArray` leaves.
       where: which leaves to consider (default: every 2-D `QArray`).
-      batch_sizes: the batch sizes the model will be served at.
+      batch_sizes: the batch sizes (rows of the activations) the model will be served at.
       activations: the activation spec the model will be served with.
+      allow_float: let a measured-faster float32 kernel replace the `QArray`.
 
     Returns:
-      The tree with re-laid-out `QArray` leaves.
+      The tree with re-laid-out `QArray` leaves (or float kernels, with `allow_float`).
 
     Example:
         >>> q = quantize_tree({"k": jnp.ones((16, 8))}, QuantSpec(channel_axes=(-1,)))
         >>> prepare_for_serving(q)["k"].shape
         (16, 8)
     """
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+
     def one(leaf):
         if not isinstance(leaf, QArray) or len(leaf.shape) != 2 or leaf.spec.is_fp8:
             return leaf
-        return leaf.transpose_storage(_choose_layout(leaf, tuple(batch_sizes), activations))
+        choice = _choose_layout(leaf, sizes, activations, allow_float)
+        if choice == "float":
+            return leaf.materialize()
+        return leaf.transpose_storage((1, 0) if choice == "nk" else None)
 
     return map_selected(one, params, where=where, allow_empty=True)
 
 
-def _choose_layout(w: QArray, batch_sizes: tuple[int, ...], activations) -> tuple[int, ...] | None:
+def _choose_layout(w: QArray, batch_sizes: tuple[int, ...], activations, allow_float: bool) -> str:
     k, n = w.shape
     if max(batch_sizes) * k * n < _MIN_MEASURED_MACS or activations is None:
-        return (1, 0)
+        return "nk"
     device = jax.devices()[0]
     key = ("layout", device.platform, getattr(device, "device_kind", ""), (k, n), str(w.values.dtype),
-           w.spec, batch_sizes, activations)
+           w.spec, batch_sizes, activations, allow_float)
     if key not in _CHOICES:
         w_t = _random_like(w.transpose_storage(None), jax.random.key(1))
-        layouts = {"kn": w_t, "nk": w_t.transpose_storage((1, 0))}
-        total = {"kn": 0.0, "nk": 0.0}
+        candidates = {"kn": w_t, "nk": w_t.transpose_storage((1, 0))}
+        if allow_float:
+            candidates["float"] = w_t.materialize()
 
-        def candidate(name):
-            return jax.jit(lambda x_: qdot(x_, layouts[name], activations=activations,
-                                           strategy="int8_padded"))
-
-        with jax.ensure_compile_time_eval():
-            for b in batch_sizes:
-                x_t = jax.random.normal(jax.random.key(2), (b, k), jnp.float32)
-                for name, t in _time({name: candidate(name) for name in layouts}, (x_t,)).items():
-                    total[name] += t
+        # Weights are arguments, not closed-over constants (XLA may re-lay-out constants).
+        float_dot = jax.jit(lambda x_, w_: x_ @ w_)
+        int_dot = jax.jit(lambda x_, w_: qdot(x_, w_, activations=activations))
+        total = dict.fromkeys(candidates, 0.0)
+        for b in batch_sizes:
+            x_t = jax.random.normal(jax.random.key(2), (b, k), jnp.float32)
+            fns = {name: (lambda x_, name=name: (float_dot if name == "float" else int_dot)(
+                x_, candidates[name])) for name in candidates}
+            for name, t in _outside_trace(lambda: _time(fns, (x_t,))).items():
+                total[name] += t
         _CHOICES[key] = min(total, key=total.get)
-    return (1, 0) if _CHOICES[key] == "nk" else None
+    return _CHOICES[key]
