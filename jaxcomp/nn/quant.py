@@ -36,7 +36,7 @@ from flax import nnx
 from jaxcomp.core import is_compressed, materialize
 from jaxcomp.quant import layers
 from jaxcomp.quant.fake import fake_quant
-from jaxcomp.quant.learned import lsq_fake_quant, lsq_init, pact_fake_quant
+from jaxcomp.quant.learned import lsq_as_static, lsq_fake_quant, lsq_init, pact_as_static, pact_fake_quant
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS
 from jaxcomp.quant.numerics import QuantParams
 from jaxcomp.quant.observers import MinMaxObserver, Observer, calibrate
@@ -535,8 +535,8 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module
         >>> model = quantize_inputs_nnx(nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0))),
         ...                             QuantSpec(), method="static")
         >>> model = calibrate_nnx(model, [jnp.ones((2, 4))])
-        >>> float(model.layers[0].scale.get_value()) * 127
-        1.0
+        >>> model.layers[0].scale.get_value() * 127
+        Array(1., dtype=float32)
     """
     wrappers = _wrappers(model)
     if not wrappers:
@@ -576,6 +576,15 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module
     return model
 
 
+def _hashable(value: Any) -> Any:
+    """Static module options as hashable values (lists become tuples, dict views tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    return value
+
+
 class QuantizedLayer(nnx.Module):
     """NNX: a Linear / LinearGeneral / Conv / Einsum served from a `QArray` kernel.
 
@@ -596,16 +605,16 @@ class QuantizedLayer(nnx.Module):
         self.act_scale = None if act_params is None else QuantStat(act_params.scale)
         self.act_zero_point = (None if act_params is None or act_params.zero_point is None
                                else QuantStat(act_params.zero_point))
-        self.options = {name: getattr(source, name) for name in (
+        self.options = {name: _hashable(getattr(source, name)) for name in (
             "dtype", "axis", "batch_axis", "strides", "padding", "input_dilation", "kernel_dilation",
             "feature_group_count", "einsum_str") if hasattr(source, name)}
         self.mask = getattr(source, "mask", None)
 
-    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
-        y = self._apply(x)
+    def __call__(self, x: jax.Array, einsum_str: str | None = None, out_sharding: Any = None) -> jax.Array:
+        y = self._apply(x, einsum_str)
         return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
-    def _apply(self, x: jax.Array) -> jax.Array:
+    def _apply(self, x: jax.Array, einsum_str: str | None) -> jax.Array:
         kernel = self.kernel.get_value()
         bias = None if self.bias is None else self.bias.get_value()
         params = None
@@ -618,14 +627,14 @@ class QuantizedLayer(nnx.Module):
             return layers.dense_general(x, kernel, bias, strategy=self.strategy, **common)
         if self.kind == "LinearGeneral":
             return layers.dense_general(x, kernel, bias, axis=o["axis"],
-                                        batch_dims=tuple(o["batch_axis"]), strategy=self.strategy,
+                                        batch_dims=tuple(k for k, _ in o["batch_axis"]), strategy=self.strategy,
                                         **common)
         if self.kind == "Conv":
             return layers.conv(x, kernel, bias, strides=o["strides"], padding=o["padding"],
                                input_dilation=o["input_dilation"], kernel_dilation=o["kernel_dilation"],
                                feature_group_count=o["feature_group_count"], mask=self.mask,
                                strategy=self.strategy, **common)
-        return layers.einsum(o["einsum_str"], x, kernel, bias, **common)
+        return layers.einsum(einsum_str or o["einsum_str"], x, kernel, bias, **common)
 
 
 def serve_nnx(
@@ -642,8 +651,9 @@ def serve_nnx(
     Args:
       model: the NNX model.
       qstate: `quantize_tree(nnx.state(model, nnx.Param), spec, where=r".*kernel")`.
-      activations: the activation spec; None for weight-only serving. A "static"
-        `QuantizedInput` wrapper's own spec and calibrated range take precedence.
+      activations: the activation spec; None for weight-only serving. A `QuantizedInput`
+        wrapper with static, LSQ or PACT ranges passes its own spec and its calibrated range,
+        learned step or learned clip instead.
       strategy: as `jaxcomp.quant.qdot`.
       modules: the layer classes served.
 
@@ -664,9 +674,16 @@ def serve_nnx(
             if kernel is None:
                 return None
             spec, params = activations, None
-            if child.config.method == "static":
+            method = child.config.method
+            if method == "static":
                 zero = None if child.zero_point is None else child.zero_point.get_value()
                 spec, params = child.config.spec, QuantParams(child.scale.get_value(), zero)
+            elif method in ("lsq", "pact"):
+                # The learned step (or clip) is a static grid: serve exactly what was trained.
+                spec = child.config.spec
+                learned = {"lsq": lsq_as_static({"": child.step.get_value()}),
+                           "pact": pact_as_static({"": child.alpha.get_value()}, spec)}[method]
+                params = learned[""]
             return QuantizedLayer(child.layer, kernel, activations=spec, act_params=params,
                                   strategy=strategy)
         if isinstance(child, modules) and f"{path}/kernel" in kernels:

@@ -25,10 +25,12 @@ from jaxcomp.quant.codebook import (
 )
 from jaxcomp.quant.fake import fake_quant, fake_quant_tree
 from jaxcomp.quant.learned import (
+    lsq_as_static,
     lsq_fake_quant,
     lsq_fake_quant_tree,
     lsq_init,
     lsq_init_tree,
+    pact_as_static,
     pact_fake_quant,
     pact_penalty,
 )
@@ -79,10 +81,12 @@ __all__ = [
     "kmeans_quantize",
     "kmeans_tree",
     "layout",
+    "lsq_as_static",
     "lsq_fake_quant",
     "lsq_fake_quant_tree",
     "lsq_init",
     "lsq_init_tree",
+    "pact_as_static",
     "pact_fake_quant",
     "pact_penalty",
     "pack_bits",

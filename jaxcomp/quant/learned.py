@@ -27,15 +27,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.core import is_compressed
-from jaxcomp.quant.numerics import Layout, check_float, from_grouped, layout, to_grouped
+from jaxcomp.quant.numerics import Layout, QuantParams, check_float, from_grouped, layout, to_grouped
 from jaxcomp.quant.spec import QuantSpec
 from jaxcomp.tree import Where, leaves_with_paths, map_selected, path_dict
 
 __all__ = [
+    "lsq_as_static",
     "lsq_fake_quant",
     "lsq_fake_quant_tree",
     "lsq_init",
     "lsq_init_tree",
+    "pact_as_static",
     "pact_fake_quant",
     "pact_penalty",
 ]
@@ -282,9 +284,9 @@ def pact_fake_quant(x: jax.Array, alpha: jax.Array, spec: QuantSpec, *, path: st
         broadcast to `x`.
 
     Example:
-        >>> pact_fake_quant(jnp.array([-1.0, 0.4, 9.0]), jnp.float32(6.0),
+        >>> pact_fake_quant(jnp.array([-1.0, 2.0, 9.0]), jnp.float32(7.5),
         ...                 QuantSpec(bits=4, signed=False))
-        Array([0. , 0.4, 6. ], dtype=float32)
+        Array([0. , 2. , 7.5], dtype=float32)
     """
     check_float(x, path)
     _check_spec(spec, "PACT", path)
@@ -307,3 +309,29 @@ def pact_penalty(alphas: Any, weight: float = 1e-4) -> jax.Array:
         2.0
     """
     return weight * sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(alphas))
+
+
+def lsq_as_static(steps: Mapping[str, jax.Array]) -> dict[str, QuantParams]:
+    """Learned LSQ steps as static quantization parameters (scale = step), for serving.
+
+    LSQ's forward pass is a symmetric grid with scale `step`, so
+    `jaxcomp.nn.quant.serve_linen(model, act_params=lsq_as_static(steps))` serves exactly what
+    was trained.
+
+    Example:
+        >>> lsq_as_static({"Dense_0": jnp.float32(0.5)})["Dense_0"].scale
+        Array(0.5, dtype=float32)
+    """
+    return {name: QuantParams(jnp.maximum(jnp.asarray(step, jnp.float32), _TINY)) for name, step in steps.items()}
+
+
+def pact_as_static(alphas: Mapping[str, jax.Array], spec: QuantSpec) -> dict[str, QuantParams]:
+    """Learned PACT clips as static quantization parameters (scale = alpha / qmax), for serving.
+
+    Example:
+        >>> pact_as_static({"Dense_0": jnp.float32(3.0)}, QuantSpec(bits=4, signed=False))["Dense_0"].scale
+        Array(0.2, dtype=float32)
+    """
+    _check_spec(spec, "PACT", "alphas")
+    return {name: QuantParams(jnp.maximum(jnp.asarray(a, jnp.float32), _TINY) / spec.qmax)
+            for name, a in alphas.items()}

@@ -22,7 +22,15 @@ from jaxcomp.nn.quant import (
     serve_linen,
     serve_nnx,
 )
-from jaxcomp.quant import QArray, QuantSpec, fake_quant, fake_quant_tree, kmeans_tree, quantize_tree
+from jaxcomp.quant import (
+    QArray,
+    QuantSpec,
+    fake_quant,
+    kmeans_tree,
+    lsq_as_static,
+    pact_as_static,
+    quantize_tree,
+)
 from jaxcomp.testing import models, nnx_models
 from jaxcomp.testing.train import init_linen
 
@@ -159,6 +167,22 @@ def test_linen_serving_with_static_ranges_and_other_compressed_leaves():
     ranges = calibrate_linen(TRANSFORMER, {"params": qparams}, [X], ACT)
     out = jax.jit(serve_linen(TRANSFORMER, act_params=ranges, strategy="int8"))({"params": qparams}, X)
     ref = _apply_quantized(TRANSFORMER, {"params": jaxcomp.materialize(qparams)}, X, ACT, params=ranges)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_linen_serving_from_learned_steps_and_clips_reproduces_training():
+    """lsq_as_static / pact_as_static turn learned steps and clips into static serving ranges
+    that give the training-time forward pass (with the quantized weights)."""
+    qparams = quantize_tree(MLP_VARS["params"], WEIGHTS, where=r".*kernel")
+    dense = {"params": jaxcomp.materialize(qparams)}
+    steps = {"Dense_0": jnp.float32(0.01), "Dense_1": jnp.float32(0.02)}
+    out = jax.jit(serve_linen(MLP, act_params=lsq_as_static(steps), strategy="int8"))({"params": qparams}, X)
+    chex.assert_trees_all_close(out, _apply_quantized(MLP, dense, X, ACT, steps=steps), atol=1e-4, rtol=1e-4)
+    unsigned = QuantSpec(bits=8, signed=False)
+    alphas = {"Dense_0": jnp.float32(0.9), "Dense_1": jnp.float32(2.0)}
+    out = jax.jit(serve_linen(MLP, activations=unsigned, act_params=pact_as_static(alphas, unsigned),
+                              strategy="int8"))({"params": qparams}, X)
+    ref = _apply_quantized(MLP, dense, X, unsigned, alphas=alphas)
     chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
