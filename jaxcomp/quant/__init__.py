@@ -34,7 +34,10 @@ from jaxcomp.quant.learned import (
     pact_fake_quant,
     pact_penalty,
 )
-from jaxcomp.quant.matmul import chosen_strategies, prepare_for_serving, qconv, qdot
+from jaxcomp.quant.conv import qconv
+from jaxcomp.quant.matmul import qdot
+from jaxcomp.quant.serving import prepare_for_serving
+from jaxcomp.quant.tuning import chosen_strategies
 from jaxcomp.quant.numerics import (
     QuantParams,
     dequantize_codes,

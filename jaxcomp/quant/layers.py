@@ -21,7 +21,8 @@ from jax import lax
 
 from jaxcomp.core import is_compressed
 from jaxcomp.quant.fake import fake_quant
-from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, qconv, qdot, quantize_activations
+from jaxcomp.quant.conv import qconv
+from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, qdot, quantize_activations
 from jaxcomp.quant.numerics import QuantParams, layout
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec

@@ -4,7 +4,6 @@ import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
@@ -18,7 +17,7 @@ from jaxcomp.quant import (
     qdot,
     quantize,
 )
-from jaxcomp.quant import matmul
+from jaxcomp.quant import tuning
 
 KX, KW = jax.random.split(jax.random.key(0))
 X = jax.random.normal(KX, (6, 16))
@@ -128,9 +127,9 @@ def test_qdot_errors_name_the_problem():
 def test_auto_strategy_measures_once_per_shape_outside_the_hot_path(monkeypatch):
     """The first trace of a large enough shape times the strategies; later traces reuse it."""
     calls = []
-    original = matmul._time
-    monkeypatch.setattr(matmul, "_time", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(matmul, "_MIN_MEASURED_MACS", 0)  # measure even this small shape
+    original = tuning.time_calls
+    monkeypatch.setattr(tuning, "time_calls", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(tuning, "MIN_MEASURED_MACS", 0)  # measure even this small shape
     x = jax.random.normal(KX, (3, 16))
     w = quantize(jax.random.normal(KW, (16, 24)), PER_CHANNEL)
     before = len(chosen_strategies())
