@@ -1,0 +1,174 @@
+"""Integer convolution on `QArray` kernels: `qconv`.
+
+`qconv(x, w)` quantizes the input (per tensor, dynamically or with static `act_params`), runs
+`lax.conv_general_dilated(int8, int8, preferred_element_type=int32)` and applies the scales
+after the convolution. An asymmetric input is padded with its own zero point (so the padding is
+an exact zero after the shift) and the zero-point term `z_x * sum(q_w)` is subtracted per output
+feature. Like `qdot`, the strategy ("int8" or "dequantize") is measured once per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcomp.quant import tuning
+from jaxcomp.quant.fake import fake_quant
+from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, quantize_activations, timing_inputs
+from jaxcomp.quant.numerics import QuantParams, check_float, layout
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.spec import QuantSpec
+
+__all__ = ["qconv"]
+
+
+def qconv(
+    x: jax.Array,
+    w: QArray,
+    *,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = ("NHWC", "HWIO", "NHWC"),
+    feature_group_count: int = 1,
+    activations: QuantSpec | None = DEFAULT_ACTIVATIONS,
+    act_params: QuantParams | None = None,
+    strategy: Literal["auto", "int8", "dequantize"] = "auto",
+    out_dtype: Any = None,
+    path: str = "x",
+) -> jax.Array:
+    """`lax.conv_general_dilated(x, w)` for a quantized kernel, on int8 operands, int32 sums.
+
+    The weight must be symmetric with scales per tensor or per output feature; activations
+    are quantized per tensor (symmetric, or asymmetric when `lhs_dilation` is 1: the input is
+    then padded with its zero point so the padding stays an exact zero). Other cases, fp8 and
+    weight-only mode (`activations=None`) run in float with dequantized weights.
+
+    Args:
+      x: float input in the layout of `dimension_numbers` (NHWC by default).
+      w: `QArray` kernel (HWIO by default).
+      window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count: as
+        `lax.conv_general_dilated`.
+      dimension_numbers: as `lax.conv_general_dilated` (strings or `ConvDimensionNumbers`).
+      activations: the activation spec (per tensor); None for weight-only mode.
+      act_params: static activation scale / zero point; dynamic by default.
+      strategy: "auto" (measure once per shape), "int8" or "dequantize".
+      out_dtype: the result dtype; `x.dtype` by default.
+      path: the name used in error messages.
+
+    Returns:
+      The float convolution.
+
+    Raises:
+      ValueError: naming `path` for a non-QArray `w`, a non-float `x` or an unknown strategy.
+
+    Example:
+        >>> w = quantize(jnp.ones((3, 3, 2, 4)) * 0.5, QuantSpec(channel_axes=(-1,)))
+        >>> y = qconv(jnp.ones((1, 5, 5, 2)), w, window_strides=(1, 1), padding="SAME")
+        >>> y.shape, float(y[0, 2, 2, 0])
+        ((1, 5, 5, 4), 9.0)
+    """
+    if not isinstance(w, QArray):
+        raise ValueError(f"{path}: qconv expects a QArray kernel, got {type(w).__name__}")
+    if strategy not in ("auto", "int8", "dequantize"):
+        raise ValueError(f"{path}: strategy must be 'auto', 'int8' or 'dequantize', got {strategy!r}")
+    check_float(x, path)
+    x = jnp.asarray(x)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+    if not isinstance(padding, str):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    n_spatial = len(dn.lhs_spec) - 2
+    options = (tuple(window_strides), padding, tuple(lhs_dilation or (1,) * n_spatial),
+               tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
+    return _qconv_program(x, w, act_params, options, activations, strategy, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out_dtype):
+    window_strides, padding, lhs_dilation, rhs_dilation, dn, feature_group_count = options
+    path = "x"
+    kernel_shape = w.shape
+    conv = functools.partial(
+        lax.conv_general_dilated, window_strides=tuple(window_strides), lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dn, feature_group_count=feature_group_count,
+    )
+    lay_w = layout(kernel_shape, w.spec)
+    out_axis = dn.rhs_spec[0]
+    int_ok = (
+        activations is not None and w.zero_point is None and not w.spec.is_fp8 and w.spec.bits <= 8
+        and not activations.is_fp8 and activations.bits <= 8 and lay_w.grouped_shape == lay_w.shape
+        and all(d == 1 for a, d in enumerate(lay_w.params_shape) if a != out_axis)
+        and (activations.symmetric or all(d == 1 for d in lhs_dilation))
+    )
+    if strategy == "auto" and int_ok:
+        strategy = _choose_conv_strategy(x, w, conv, padding, activations, act_params, out_dtype)
+    if not int_ok or strategy == "dequantize":
+        if activations is not None:
+            x = fake_quant(x, activations, params=act_params, path=path)
+        return conv(x, w.materialize().astype(out_dtype), padding=padding).astype(out_dtype)
+    per_tensor = dataclasses.replace(activations, channel_axes=(), group_size=None)
+    xq, sx, zx = quantize_activations(x, per_tensor, act_params, tuple(range(x.ndim)), path)
+    if isinstance(padding, str):
+        in_spatial = [x.shape[a] for a in dn.lhs_spec[2:]]
+        k_spatial = [(kernel_shape[a] - 1) * d + 1 for a, d in zip(dn.rhs_spec[2:], rhs_dilation)]
+        padding = lax.padtype_to_pads(in_spatial, k_spatial, tuple(window_strides), padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    wq = w.codes().astype(jnp.int8)
+    if zx is not None:
+        pads = [(0, 0)] * x.ndim
+        for axis, pad in zip(dn.lhs_spec[2:], padding):
+            pads[axis] = pad
+        zx_i = jnp.round(zx).astype(jnp.int32).reshape(())
+        xq = jnp.pad(xq, pads, constant_values=zx_i.astype(jnp.int8))
+        padding = tuple((0, 0) for _ in padding)
+    acc = conv(xq, wq, padding=padding, preferred_element_type=jnp.int32)
+    if zx is not None:
+        reduce = tuple(a for a in range(len(kernel_shape)) if a != out_axis)
+        wsum = wq.astype(jnp.int32).sum(axis=reduce)
+        acc = acc - zx_i * _along(wsum, dn.out_spec[1], acc.ndim)
+    w_scale = _along(w.scale.reshape(-1), dn.out_spec[1], acc.ndim) if w.scale.size > 1 else w.scale.reshape(())
+    return (acc.astype(jnp.float32) * w_scale * sx.reshape(())).astype(out_dtype)
+
+
+def _along(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _choose_conv_strategy(x, w, conv, padding, activations, act_params, out_dtype) -> str:
+    kernel = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    out = jax.eval_shape(lambda a, b: conv(a, b, padding=padding), jax.ShapeDtypeStruct(x.shape, jnp.float32), kernel)
+    out_features = out.shape[conv.keywords["dimension_numbers"].out_spec[1]]
+    macs = math.prod(out.shape) * math.prod(w.shape) // max(out_features, 1)
+    if macs < tuning.MIN_MEASURED_MACS:
+        return "int8"
+    key = ("conv", *tuning.device_key(), tuple(x.shape), str(x.dtype),
+           tuple(w.values.shape), str(w.values.dtype), w.perm, w.spec, str(conv.keywords),
+           str(padding), activations, act_params is None, str(out_dtype))
+    options = dict(conv.keywords)
+    dn = options.pop("dimension_numbers")
+
+    def measure():
+        fns = {name: jax.jit(functools.partial(_timed_qconv, padding=padding, dimension_numbers=dn,
+                                               activations=activations, strategy=name,
+                                               out_dtype=out_dtype, options=tuple(options.items())))
+               for name in ("int8", "dequantize")}
+        return tuning.time_calls(fns, timing_inputs(x, w, act_params))
+
+    return tuning.measure_once(key, measure)
+
+
+def _timed_qconv(x, w, act_params, *, padding, dimension_numbers, activations, strategy, out_dtype,
+                 options):
+    return qconv(x, w, padding=padding, dimension_numbers=dimension_numbers, activations=activations,
+                 act_params=act_params, strategy=strategy, out_dtype=out_dtype, **dict(options))

@@ -1,0 +1,329 @@
+"""Quantization arithmetic: ranges, scales and zero points, codes, and their inverse.
+
+Everything here is elementwise or a reduction, so it jits, vmaps and keeps the sharding of its
+input. Scales and zero points are kept in a *grouped keepdims* shape: the input shape with the
+group axis (if any) split into `(n_groups, group_size)`, and every axis that does not keep its own
+scale reduced to 1. They broadcast against the grouped input, which `to_grouped` gives.
+
+A scale is never zero: a range of zero (an all-zero tensor or channel) gets scale 1, so zeros
+stay zero and nothing divides by zero. Arithmetic runs in float32 (or float64 for float64
+inputs) whatever the input dtype, so bfloat16 values round to the right code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcomp.quant.spec import QuantSpec
+
+__all__ = [
+    "QuantParams",
+    "Layout",
+    "check_finite",
+    "check_float",
+    "dequantize_codes",
+    "from_grouped",
+    "layout",
+    "params_from_range",
+    "quant_params",
+    "quant_range",
+    "quantize_codes",
+    "to_grouped",
+]
+
+
+class QuantParams(NamedTuple):
+    """Scale and zero point of a quantized tensor, in the grouped keepdims shape.
+
+    Attributes:
+      scale: positive float32 scale(s).
+      zero_point: integer-valued float32 zero point(s), or None for a symmetric spec.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a tensor of `shape` is grouped and reduced under a spec (all static ints).
+
+    Attributes:
+      shape: the tensor's shape.
+      grouped_shape: `shape` with the group axis split into (n_groups, group_size).
+      reduce_axes: axes of the grouped shape that share one scale.
+      params_shape: shape of the scale and zero point (grouped shape, reduced axes set to 1).
+    """
+
+    shape: tuple[int, ...]
+    grouped_shape: tuple[int, ...]
+    reduce_axes: tuple[int, ...]
+    params_shape: tuple[int, ...]
+
+    @property
+    def elements_per_scale(self) -> int:
+        """How many elements share each scale."""
+        return math.prod(self.grouped_shape[a] for a in self.reduce_axes)
+
+
+def layout(shape: tuple[int, ...], spec: QuantSpec, path: str = "x") -> Layout:
+    """The grouping and reduction of a tensor of `shape` under `spec`.
+
+    Args:
+      shape: the tensor's shape.
+      spec: the quantization spec.
+      path: the name used in error messages (a parameter path).
+
+    Returns:
+      A `Layout`.
+
+    Raises:
+      ValueError: naming `path` if an axis is out of range or `group_size` does not divide the
+        group axis.
+
+    Example:
+        >>> layout((8, 3), QuantSpec(group_size=4, channel_axes=(-1,))).params_shape
+        (2, 1, 3)
+    """
+    shape = tuple(int(d) for d in shape)
+    channels, group = spec.normalized_axes(len(shape), path)
+    if group is None:
+        kept = set(channels)
+        grouped = shape
+    else:
+        size = spec.group_size
+        if shape[group] % size:
+            raise ValueError(
+                f"{path}: group_size={size} does not divide axis {spec.group_axis} of length "
+                f"{shape[group]} (shape {shape})"
+            )
+        grouped = shape[:group] + (shape[group] // size, size) + shape[group + 1 :]
+        kept = {a if a < group else a + 1 for a in channels} | {group}
+    reduce_axes = tuple(a for a in range(len(grouped)) if a not in kept)
+    params_shape = tuple(1 if a in reduce_axes else d for a, d in enumerate(grouped))
+    return Layout(shape, grouped, reduce_axes, params_shape)
+
+
+def to_grouped(x: jax.Array, lay: Layout) -> jax.Array:
+    """Reshapes `x` to `lay.grouped_shape` (a free reshape)."""
+    return x.reshape(lay.grouped_shape)
+
+
+def from_grouped(x: jax.Array, lay: Layout) -> jax.Array:
+    """Reshapes a grouped array back to `lay.shape`."""
+    return x.reshape(lay.shape)
+
+
+def check_float(x: jax.typing.ArrayLike, path: str = "x") -> None:
+    """Raises `ValueError` naming `path` unless `x` has a floating-point dtype.
+
+    Example:
+        >>> check_float(jnp.ones(2))
+    """
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{path}: expected a floating-point array, got dtype {dtype}")
+
+
+def check_finite(x: jax.typing.ArrayLike, path: str = "x") -> None:
+    """Raises `ValueError` naming `path` and the first bad value if a concrete `x` has NaN/Inf.
+
+    Traced values are not checked (their values are unknown until run).
+
+    Example:
+        >>> check_finite(jnp.array([1.0, 2.0]))
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return
+    # Reduced on the device(s) holding x: only three scalars come back, never the array.
+    count, first = jax.device_get(_non_finite(x))
+    if count:
+        index = tuple(int(i) for i in np.unravel_index(int(first), x.shape))
+        value = jax.device_get(x[index])
+        raise ValueError(
+            f"{path}: {int(count)} NaN/Inf value(s), e.g. {value} at index {index}; "
+            "quantization ranges need finite values"
+        )
+
+
+@jax.jit
+def _non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bad = ~jnp.isfinite(x.reshape(-1))
+    return jnp.sum(bad), jnp.argmax(bad)
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def quant_range(x: jax.Array, spec: QuantSpec, lay: Layout | None = None) -> tuple[jax.Array, jax.Array]:
+    """The `(lo, hi)` range of `x` that `spec` quantizes, per scale, always containing zero.
+
+    Symmetric specs give `(-absmax, absmax)` (unsigned: `(0, max)`), asymmetric ones
+    `(min(x, 0), max(x, 0))`.
+
+    Args:
+      x: a float array.
+      spec: the quantization spec.
+      lay: the precomputed `layout(x.shape, spec)`, if at hand.
+
+    Returns:
+      Two float32 arrays of shape `lay.params_shape`.
+
+    Example:
+        >>> lo, hi = quant_range(jnp.array([[-1.0, 3.0]]), QuantSpec())
+        >>> float(lo[0, 0]), float(hi[0, 0])
+        (-3.0, 3.0)
+    """
+    lay = lay or layout(x.shape, spec)
+    xg = to_grouped(x, lay).astype(_compute_dtype(x.dtype))
+    axes = lay.reduce_axes
+    if spec.symmetric:
+        if spec.signed:
+            hi = jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
+            return -hi, hi
+        hi = jnp.maximum(jnp.max(xg, axis=axes, keepdims=True), 0)
+        return jnp.zeros_like(hi), hi
+    lo = jnp.minimum(jnp.min(xg, axis=axes, keepdims=True), 0)
+    hi = jnp.maximum(jnp.max(xg, axis=axes, keepdims=True), 0)
+    return lo, hi
+
+
+def params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantParams:
+    """Scale and zero point that map `[lo, hi]` onto the spec's integer grid.
+
+    Symmetric: `s = max(|lo|, |hi|) / qmax` (unsigned: `hi / qmax`), `z = None`. Asymmetric:
+    `s = (hi - lo) / (qmax - qmin)`, `z = qmin - round(lo / s)`. The range is widened to contain
+    zero; an empty range gives `s = 1`, so zeros stay zero.
+
+    Example:
+        >>> p = params_from_range(jnp.float32(-2.0), jnp.float32(6.0), QuantSpec(symmetric=False))
+        >>> round(float(p.scale) * 255, 4), float(p.zero_point)
+        (8.0, -64.0)
+    """
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    shape = jnp.broadcast_shapes(lo.shape, hi.shape)
+    if math.prod(shape) == 1:
+        # Computed on 0-d values (reshaped back below) so XLA fuses it into its consumers.
+        lo, hi = lo.reshape(()), hi.reshape(())
+    lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
+    if spec.symmetric:
+        span = jnp.maximum(-lo, hi) if spec.signed else hi
+        scale = span / spec.qmax
+        zero_point = None
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+    # A zero (or underflowed) scale would divide by zero; any positive scale maps 0 to 0.
+    scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+    if not spec.symmetric:
+        zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax).reshape(shape)
+    return QuantParams(scale.reshape(shape), zero_point)
+
+
+def quant_params(x: jax.Array, spec: QuantSpec, path: str = "x") -> QuantParams:
+    """Scale and zero point of `x` from its own range (dynamic quantization).
+
+    Example:
+        >>> quant_params(jnp.array([0.5, -1.27]), QuantSpec()).scale
+        Array([0.01], dtype=float32)
+    """
+    check_float(x, path)
+    lay = layout(x.shape, spec, path)
+    return params_from_range(*quant_range(x, spec, lay), spec)
+
+
+def _scalar_if_single(v: jax.Array | None) -> jax.Array | None:
+    # A 0-d scale lets XLA fuse its computation into the elementwise pass; a (1, 1) one does not.
+    return v.reshape(()) if v is not None and v.size == 1 else v
+
+
+def codes_from_grouped(
+    xg: jax.Array, params: QuantParams, spec: QuantSpec, noise: jax.Array | None = None
+) -> jax.Array:
+    """Integer-valued float codes of a grouped array (the core of every quantizer)."""
+    params = QuantParams(_scalar_if_single(params.scale), _scalar_if_single(params.zero_point))
+    xg = xg.astype(_compute_dtype(xg.dtype))
+    # A division per element (not a multiply by 1/s) lets XLA fuse the scale computation into
+    # this elementwise pass instead of running it as a separate kernel, and rounds exactly.
+    v = xg / params.scale.astype(xg.dtype)
+    if spec.is_fp8:
+        fp8 = spec.storage_dtype
+        return jnp.clip(v, spec.qmin, spec.qmax).astype(fp8).astype(xg.dtype)
+    if params.zero_point is not None:
+        v = v + params.zero_point.astype(xg.dtype)
+    v = jnp.floor(v + noise) if noise is not None else jnp.round(v)
+    return jnp.clip(v, spec.qmin, spec.qmax)
+
+
+def values_from_codes(q: jax.Array, params: QuantParams) -> jax.Array:
+    """`scale * (q - zero_point)` on grouped codes."""
+    params = QuantParams(_scalar_if_single(params.scale), _scalar_if_single(params.zero_point))
+    if params.zero_point is not None:
+        q = q - params.zero_point.astype(q.dtype)
+    return q * params.scale.astype(q.dtype)
+
+
+def rounding_noise(key: jax.Array | None, shape: tuple[int, ...], spec: QuantSpec, path: str = "x"):
+    """Uniform [0, 1) noise for stochastic rounding, or None for nearest rounding.
+
+    Raises:
+      ValueError: naming `path` when the spec rounds stochastically and `key` is None.
+    """
+    if spec.rounding != "stochastic":
+        return None
+    if key is None:
+        raise ValueError(f"{path}: rounding='stochastic' needs an explicit key=jax.random.key(...)")
+    return jax.random.uniform(key, shape, jnp.float32)
+
+
+def quantize_codes(
+    x: jax.Array,
+    params: QuantParams,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None = None,
+    path: str = "x",
+) -> jax.Array:
+    """The codes of `x` in the spec's storage dtype (int8, int4, float8...), shape of `x`.
+
+    Args:
+      x: a float array.
+      params: scale and zero point in the grouped keepdims shape (`quant_params`, an observer).
+      spec: the quantization spec.
+      key: the PRNG key for stochastic rounding.
+      path: the name used in error messages.
+
+    Example:
+        >>> x = jnp.array([0.5, -1.0])
+        >>> quantize_codes(x, quant_params(x, QuantSpec()), QuantSpec())
+        Array([  64, -127], dtype=int8)
+    """
+    check_float(x, path)
+    lay = layout(x.shape, spec, path)
+    noise = rounding_noise(key, lay.grouped_shape, spec, path)
+    q = codes_from_grouped(to_grouped(x, lay), params, spec, noise)
+    return from_grouped(q, lay).astype(spec.storage_dtype)
+
+
+def dequantize_codes(
+    q: jax.Array, params: QuantParams, spec: QuantSpec, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
+    """`scale * (q - zero_point)` in `dtype`, shape of `q`.
+
+    Example:
+        >>> p = QuantParams(jnp.float32(0.5))
+        >>> dequantize_codes(jnp.array([2, -3], jnp.int8), p, QuantSpec())
+        Array([ 1. , -1.5], dtype=float32)
+    """
+    lay = layout(q.shape, spec)
+    qg = to_grouped(q, lay).astype(_compute_dtype(jnp.dtype(dtype)))
+    return from_grouped(values_from_codes(qg, params), lay).astype(dtype)

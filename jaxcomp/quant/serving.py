@@ -1,0 +1,101 @@
+"""`prepare_for_serving`: store each quantized Dense kernel in the layout that runs fastest.
+
+On XLA's CPU backend the int8 dot is several times faster with a Dense kernel stored (N, K),
+contracting on its last axis, at some shapes and slower at others; this module measures both
+layouts of each 2-D kernel once for the batch sizes a deployment will see and stores the codes
+accordingly (`QArray.perm`). `materialize` and every report still see the dense (K, N) array.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcomp.quant import tuning
+from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, qdot
+from jaxcomp.quant.qarray import QArray
+from jaxcomp.quant.spec import QuantSpec
+from jaxcomp.tree import Where, map_selected
+
+__all__ = ["prepare_for_serving"]
+
+
+def prepare_for_serving(
+    params: Any,
+    *,
+    where: Where = None,
+    batch_sizes: Sequence[int] = (8,),
+    activations: QuantSpec | None = DEFAULT_ACTIVATIONS,
+    allow_float: bool = False,
+) -> Any:
+    """Stores each 2-D `QArray` (a Dense kernel, (K, N)) in the layout `qdot` runs fastest.
+
+    For every selected 2-D `QArray`, `qdot` is timed once per shape (and cached) at each of
+    `batch_sizes` rows with the codes stored (K, N) and (N, K); the faster total wins and the
+    codes are transposed accordingly (`QArray.perm`). Values, `materialize()` and `nbytes` are
+    unchanged. Call it once, outside `jit`, on the output of `quantize_tree`.
+
+    With `allow_float=True`, a float32 matmul with the dequantized kernel is a third candidate:
+    where it is measured faster (on XLA's CPU backend, typically small layers at batch 1), the
+    leaf comes back as a dense float array, trading that layer's memory saving for speed.
+
+    Args:
+      params: a tree with `QArray` leaves.
+      where: which leaves to consider (default: every 2-D `QArray`).
+      batch_sizes: the batch sizes (rows of the activations) the model will be served at.
+      activations: the activation spec the model will be served with.
+      allow_float: let a measured-faster float32 kernel replace the `QArray`.
+
+    Returns:
+      The tree with re-laid-out `QArray` leaves (or float kernels, with `allow_float`).
+
+    Example:
+        >>> q = quantize_tree({"k": jnp.ones((16, 8))}, QuantSpec(channel_axes=(-1,)))
+        >>> prepare_for_serving(q)["k"].shape
+        (16, 8)
+    """
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+
+    def one(leaf):
+        if not isinstance(leaf, QArray) or len(leaf.shape) != 2 or leaf.spec.is_fp8:
+            return leaf
+        choice = _choose_layout(leaf, sizes, activations, allow_float)
+        if choice == "float":
+            return leaf.materialize()
+        return leaf.transpose_storage((1, 0) if choice == "nk" else None)
+
+    return map_selected(one, params, where=where, allow_empty=True)
+
+
+def _choose_layout(w: QArray, batch_sizes: tuple[int, ...], activations, allow_float: bool) -> str:
+    k, n = w.shape
+    if max(batch_sizes) * k * n < tuning.MIN_MEASURED_MACS or activations is None:
+        return "nk"
+    key = ("layout", *tuning.device_key(), (k, n), str(w.values.dtype), w.spec, batch_sizes,
+           activations, allow_float)
+
+    def measure():
+        w_t = tuning.random_like(w.transpose_storage(None), jax.random.key(1))
+        candidates = {"kn": w_t, "nk": w_t.transpose_storage((1, 0))}
+        if allow_float:
+            candidates["float"] = w_t.materialize()
+
+        # Weights are arguments, not closed-over constants (XLA may re-lay-out constants).
+        float_dot = jax.jit(lambda x_, w_: x_ @ w_)
+        int_dot = jax.jit(lambda x_, w_: qdot(x_, w_, activations=activations))
+        total = dict.fromkeys(candidates, 0.0)
+        for b in batch_sizes:
+            x_t = jax.random.normal(jax.random.key(2), (b, k), jnp.float32)
+            fns = {name: functools.partial(float_dot if name == "float" else int_dot, w_=candidates[name])
+                   for name in candidates}
+            for name, t in tuning.time_calls(fns, (x_t,)).items():
+                total[name] += t
+        return total
+
+    return tuning.measure_once(key, measure)

@@ -1,0 +1,128 @@
+"""Codebook leaves: k-means weight sharing, power-of-two levels, centroid fine-tuning."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcomp
+from jaxcomp.quant import (
+    Codebook,
+    codebook_finetune,
+    finetuned_codebooks,
+    kmeans_quantize,
+    kmeans_tree,
+    power_of_two_quantize,
+    power_of_two_tree,
+)
+
+W = jax.random.normal(jax.random.key(0), (32, 16))
+
+
+@pytest.mark.parametrize("bits, index_dtype", [(2, jnp.uint2), (3, jnp.uint4), (4, jnp.uint4), (8, jnp.uint8)])
+def test_kmeans_codebook_stores_indices_and_a_table_of_2_to_the_bits(bits, index_dtype):
+    """Indices of 2..8 bits into 2**bits sorted centroids; nbytes = index bits + table."""
+    cb = kmeans_quantize(W, bits)
+    assert cb.indices.dtype == index_dtype and cb.centroids.shape == (2**bits,)
+    assert bool(jnp.all(jnp.diff(cb.centroids) >= 0))
+    width = jaxcomp.bit_width(index_dtype)
+    assert cb.nbytes == W.size * width // 8 + 4 * 2**bits
+    assert cb.packed_indices().nbytes == W.size * width // 8
+    assert cb.materialize().shape == W.shape
+
+
+def test_kmeans_iterations_reduce_the_error_of_the_linear_initialisation():
+    """Lloyd steps from the linear init lower the squared error; every weight maps to its
+    nearest centroid."""
+    init = kmeans_quantize(W, 3, iters=0)
+    tuned = kmeans_quantize(W, 3, iters=20)
+    err = lambda cb: float(jnp.sum((cb.materialize() - W) ** 2))  # noqa: E731
+    assert err(tuned) < err(init)
+    nearest = jnp.argmin(jnp.abs(W[..., None] - tuned.centroids), axis=-1)
+    chex.assert_trees_all_equal(tuned.centroids[nearest], tuned.centroids[tuned.indices.astype(jnp.int32)])
+    np.testing.assert_allclose(init.centroids, np.linspace(float(W.min()), float(W.max()), 8), rtol=1e-5)
+
+
+def test_power_of_two_levels_are_zero_and_signed_powers_of_two():
+    """Values round in the log domain to +-2**e below the top exponent, tiny ones to zero."""
+    x = jnp.array([3.0, -0.3, 0.7, 0.01, 0.0, -5.0])
+    cb = power_of_two_quantize(x, 3)  # e_max = round(log2 5) = 2: levels 4, 2, 1
+    np.testing.assert_array_equal(cb.materialize(), [4.0, 0.0, 1.0, 0.0, 0.0, -4.0])
+    values = np.abs(np.asarray(power_of_two_quantize(W, 4).materialize()))
+    nonzero = values[values > 0]
+    np.testing.assert_array_equal(np.log2(nonzero), np.round(np.log2(nonzero)))
+    assert cb.summary().startswith("power-of-two")
+
+
+def test_codebook_trees_and_bad_input_name_the_path():
+    """Tree versions select by where=; bad bits, NaN and non-float leaves raise ValueError."""
+    params = {"Dense_0": {"kernel": W, "bias": jnp.zeros(16)}}
+    tree = kmeans_tree(params, 4, where=r".*kernel")
+    assert isinstance(tree["Dense_0"]["kernel"], Codebook)
+    assert isinstance(power_of_two_tree(params, 4, where=r".*kernel")["Dense_0"]["kernel"], Codebook)
+    with pytest.raises(ValueError, match="Dense_0/kernel: codebook bits must be an int in 2..8, got 9"):
+        kmeans_tree(params, 9, where=r".*kernel")
+    with pytest.raises(ValueError, match=r"w: 1 NaN/Inf value\(s\)"):
+        kmeans_quantize(W.at[0, 0].set(jnp.inf), 4, path="w")
+    with pytest.raises(ValueError, match="selects no leaf"):
+        kmeans_tree(params, 4, where=r"nothing")
+    with pytest.raises(ValueError, match="floating-point"):
+        power_of_two_quantize(jnp.ones(3, jnp.int32), 4)
+
+
+def test_finetune_sums_weight_gradients_per_centroid_and_keeps_weights_tied():
+    """One SGD step moves each centroid by -lr * (sum of its weights' gradients); every weight
+    stays equal to its centroid, and finetuned_codebooks returns Codebook leaves."""
+    params = {"w": W, "b": jnp.ones(16)}
+    books = kmeans_tree(params, 2, where="w")
+    params = jaxcomp.materialize(books)
+    grads = {"w": jax.random.normal(jax.random.key(1), W.shape), "b": jnp.full(16, 2.0)}
+    tx = codebook_finetune(optax.sgd(0.1), books)
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    idx = books["w"].indices.astype(jnp.int32)
+    summed = jax.ops.segment_sum(grads["w"].ravel(), idx.ravel(), num_segments=4)
+    expected = books["w"].centroids - 0.1 * summed
+    result = finetuned_codebooks(state, new)
+    chex.assert_trees_all_close(result["w"].centroids, expected, atol=1e-5)
+    chex.assert_trees_all_close(new["w"], expected[idx], atol=1e-5)
+    chex.assert_trees_all_close(new["b"], jnp.full(16, 0.8), atol=1e-6)
+    chex.assert_trees_all_close(result["w"].materialize(), new["w"], atol=1e-5)
+
+
+def test_finetune_works_with_adam_and_reduces_a_loss():
+    """Inside a normal jitted optax loop the loss on tied weights goes down."""
+    target = W * 0.5
+    books = kmeans_tree({"w": W}, 3)
+    params = jaxcomp.materialize(books)
+    tx = codebook_finetune(optax.adam(0.05), books)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(lambda q: jnp.mean((q["w"] - target) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    losses = []
+    for _ in range(20):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] / 2
+    assert len(np.unique(np.asarray(params["w"]))) <= 8
+
+
+def test_finetune_validates_its_inputs():
+    """No Codebook, a missing path, or a wrong shape raise ValueError."""
+    with pytest.raises(ValueError, match="holds no Codebook"):
+        codebook_finetune(optax.sgd(0.1), {"w": W})
+    tx = codebook_finetune(optax.sgd(0.1), kmeans_tree({"w": W}, 2))
+    with pytest.raises(ValueError, match="'w' is not in the params"):
+        tx.init({"v": W})
+    with pytest.raises(ValueError, match="has shape"):
+        tx.init({"w": W[:4]})
+    with pytest.raises(ValueError, match="no CodebookFinetuneState"):
+        finetuned_codebooks(optax.sgd(0.1).init({"w": W}), {"w": W})

@@ -1,0 +1,281 @@
+"""Flax integration: activation quantization, calibration and integer serving (Linen and NNX)."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxcomp
+from jaxcomp.nn.quant import (
+    QuantizedInput,
+    QuantizedLayer,
+    calibrate_linen,
+    calibrate_nnx,
+    fake_quant_inputs,
+    init_input_steps_linen,
+    quantize_inputs_nnx,
+    serve_linen,
+    serve_nnx,
+)
+from jaxcomp.quant import (
+    QArray,
+    QuantSpec,
+    fake_quant,
+    kmeans_tree,
+    lsq_as_static,
+    pact_as_static,
+    quantize_tree,
+)
+from jaxcomp.testing import models, nnx_models
+from jaxcomp.testing.train import init_linen
+
+X = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
+ACT = QuantSpec(bits=8)
+WEIGHTS = QuantSpec(bits=8, channel_axes=(-1,))
+MLP = models.MLP(features=(16,))
+MLP_VARS = init_linen(MLP, (8, 8, 1), seed=1)
+LENET = models.LeNet5(conv_features=(4, 8), dense_features=(16,))
+LENET_VARS = init_linen(LENET, (8, 8, 1), seed=2)
+TRANSFORMER = models.TransformerEncoder(d_model=8, num_heads=2, mlp_dim=16)
+TRANSFORMER_VARS = init_linen(TRANSFORMER, (8, 8, 1), seed=3)
+ATTENTION = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+ATTENTION_VARS = jax.jit(ATTENTION.init)(jax.random.key(4), X[:1, :, :, 0])
+
+
+def _int_products(fn, *args):
+    """(lhs dtype, rhs dtype) of every dot_general / conv in the jaxpr of fn, nested included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.append((eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _apply_quantized(model, variables, x, spec, **tables):
+    """model.apply under fake_quant_inputs, jitted (one compile instead of op-by-op dispatch)."""
+
+    @jax.jit
+    def run(variables, x, tables):
+        with fake_quant_inputs(spec, **tables):
+            return model.apply(variables, x)
+
+    return run(variables, x, tables)
+
+
+def _mlp_by_hand(params, x, quantize_input):
+    h = x.reshape(x.shape[0], -1)
+    h = nn.relu(quantize_input(h) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return quantize_input(h) @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
+def test_linen_inputs_are_fake_quantized_and_gradients_flow():
+    """Every Dense input is fake-quantized (dynamic ranges); the STE lets gradients through."""
+    params = MLP_VARS["params"]
+
+    def loss(p):
+        with fake_quant_inputs(ACT):
+            return MLP.apply({"params": p}, X).sum()
+
+    out = _apply_quantized(MLP, MLP_VARS, X, ACT)
+    chex.assert_trees_all_close(out, _mlp_by_hand(params, X, lambda h: fake_quant(h, ACT)), atol=1e-5)
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def _where_dense_1(variables, x):
+    with fake_quant_inputs(ACT, where="Dense_1"):
+        return MLP.apply(variables, x)
+
+
+def test_linen_where_selects_layers_by_module_path():
+    """where= on module paths: only Dense_1's input is quantized."""
+    out = jax.jit(lambda v, x: _where_dense_1(v, x))(MLP_VARS, X)
+    ref = _mlp_by_hand(MLP_VARS["params"], X, lambda h: h if h.shape[-1] == 64 else fake_quant(h, ACT))
+    chex.assert_trees_all_close(out, ref, atol=1e-5)
+
+
+def test_linen_calibration_gives_static_ranges_per_layer():
+    """calibrate_linen observes each layer's input; static ranges then replace dynamic ones."""
+    params = calibrate_linen(LENET, LENET_VARS, [X[:4], X[4:]], ACT)
+    assert sorted(params) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
+    np.testing.assert_allclose(params["Conv_0"].scale.squeeze(), float(X.max()) / 127, rtol=1e-6)
+    static = _apply_quantized(LENET, LENET_VARS, X, ACT, params=params)
+    dynamic = _apply_quantized(LENET, LENET_VARS, X, ACT)
+    chex.assert_trees_all_close(static, dynamic, atol=0.05)
+    with pytest.raises(ValueError, match="params has no entry for module 'Conv_0'"), \
+            fake_quant_inputs(ACT, params={"Dense_0": params["Dense_0"]}):
+        LENET.apply(LENET_VARS, X)
+
+
+def test_linen_calibration_rejects_nan_and_empty_selections():
+    """NaN in a calibration batch names the layer; a where= matching nothing is an error."""
+    bad = X.at[0, 0, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"Dense_0 \(calibration batch 0\): \d+ NaN/Inf"):
+        calibrate_linen(MLP, MLP_VARS, [bad], ACT)
+    with pytest.raises(ValueError, match="selects no"):
+        calibrate_linen(MLP, MLP_VARS, [X], ACT, where="Conv.*")
+
+
+def test_linen_lsq_and_pact_scales_are_trained_with_the_params():
+    """LSQ steps and PACT clips keyed by module path receive gradients in the same step."""
+    steps = init_input_steps_linen(MLP, MLP_VARS, X, ACT)
+    assert sorted(steps) == ["Dense_0", "Dense_1"]
+
+    def loss(t, **table):
+        with fake_quant_inputs(ACT, **{k: t[k] for k in table}):
+            return jnp.sum(MLP.apply({"params": t["params"]}, X) ** 2)
+
+    grads = jax.jit(jax.grad(lambda t: loss(t, steps=1)))({"params": MLP_VARS["params"], "steps": steps})
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["steps"]))
+    alphas = {"Dense_0": jnp.float32(0.5), "Dense_1": jnp.float32(0.5)}
+    grads = jax.jit(jax.grad(lambda t: loss(t, alphas=1)))({"params": MLP_VARS["params"], "alphas": alphas})
+    assert float(grads["alphas"]["Dense_0"]) != 0.0
+    with pytest.raises(ValueError, match="at most one"), fake_quant_inputs(ACT, steps=steps, alphas=alphas):
+        pass
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet", "attention"])
+def test_linen_serving_runs_every_quantized_kernel_on_int8(name):
+    """serve_linen gives the fake-quant forward pass's output, with an int8 x int8 product for
+    every QArray kernel (Dense, Conv, and DenseGeneral contracting one or two axes)."""
+    model, variables, x = {"mlp": (MLP, MLP_VARS, X), "lenet": (LENET, LENET_VARS, X),
+                           "attention": (ATTENTION, ATTENTION_VARS, X[:, :, :, 0])}[name]
+    qparams = quantize_tree(variables["params"], WEIGHTS, where=r".*kernel")
+    serve = serve_linen(model, strategy="int8")
+    out = jax.jit(serve)({"params": qparams}, x)
+    ref = _apply_quantized(model, {"params": jaxcomp.materialize(qparams)}, x, ACT)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+    products = _int_products(serve, {"params": qparams}, x)
+    kernels = sum(isinstance(v, QArray) for v in jaxcomp.path_dict(qparams).values())
+    assert sum(p == (jnp.int8, jnp.int8) for p in products) == kernels
+
+
+def test_linen_serving_with_static_ranges_and_other_compressed_leaves():
+    """Calibrated ranges are used; a Codebook embedding (no integer path) is materialized."""
+    params = TRANSFORMER_VARS["params"]
+    qparams = quantize_tree(params, WEIGHTS, where=r".*kernel")
+    qparams = kmeans_tree(qparams, 4, where="pos_embedding")
+    ranges = calibrate_linen(TRANSFORMER, {"params": qparams}, [X], ACT)
+    out = jax.jit(serve_linen(TRANSFORMER, act_params=ranges, strategy="int8"))({"params": qparams}, X)
+    ref = _apply_quantized(TRANSFORMER, {"params": jaxcomp.materialize(qparams)}, X, ACT, params=ranges)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_linen_serving_from_learned_steps_and_clips_reproduces_training():
+    """lsq_as_static / pact_as_static turn learned steps and clips into static serving ranges
+    that give the training-time forward pass (with the quantized weights)."""
+    qparams = quantize_tree(MLP_VARS["params"], WEIGHTS, where=r".*kernel")
+    dense = {"params": jaxcomp.materialize(qparams)}
+    steps = {"Dense_0": jnp.float32(0.01), "Dense_1": jnp.float32(0.02)}
+    out = jax.jit(serve_linen(MLP, act_params=lsq_as_static(steps), strategy="int8"))({"params": qparams}, X)
+    chex.assert_trees_all_close(out, _apply_quantized(MLP, dense, X, ACT, steps=steps), atol=1e-4, rtol=1e-4)
+    unsigned = QuantSpec(bits=8, signed=False)
+    alphas = {"Dense_0": jnp.float32(0.9), "Dense_1": jnp.float32(2.0)}
+    out = jax.jit(serve_linen(MLP, activations=unsigned, act_params=pact_as_static(alphas, unsigned),
+                              strategy="int8"))({"params": qparams}, X)
+    ref = _apply_quantized(MLP, dense, X, unsigned, alphas=alphas)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_linen_serving_rejects_a_qarray_kernel_without_an_integer_path():
+    """A quantized ConvTranspose kernel raises ValueError naming its path."""
+    model = nn.ConvTranspose(2, (3, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), X[:1])
+    qparams = quantize_tree(variables["params"], WEIGHTS, where=r".*kernel")
+    with pytest.raises(ValueError, match="kernel is a QArray but ConvTranspose has no integer path"):
+        serve_linen(model)({"params": qparams}, X)
+
+
+# Built by one jitted program each (eager construction dispatches every op on its own).
+_nnx_mlp = nnx.jit(lambda: nnx_models.MLP(input_shape=(8, 8, 1), features=(16,), rngs=nnx.Rngs(0)))
+
+
+_forward = nnx.jit(lambda model, x: model(x))
+
+
+def test_nnx_wrapping_quantizes_inputs_and_keeps_params_trainable():
+    """quantize_inputs_nnx wraps each Linear; outputs match fake-quant by hand; training works."""
+    model = _nnx_mlp()
+    ref_params = {"Dense_0": {"kernel": model.layers[0].kernel.get_value(), "bias": model.layers[0].bias.get_value()},
+                  "Dense_1": {"kernel": model.head.kernel.get_value(), "bias": model.head.bias.get_value()}}
+    quantize_inputs_nnx(model, ACT)
+    assert isinstance(model.layers[0], QuantizedInput) and isinstance(model.head, QuantizedInput)
+    by_hand = jax.jit(lambda p, x: _mlp_by_hand(p, x, lambda h: fake_quant(h, ACT)))(ref_params, X)
+    chex.assert_trees_all_close(_forward(model, X), by_hand, atol=1e-5)
+    assert "layers/0/layer/kernel" in jaxcomp.path_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    before = model.head.layer.kernel.get_value()
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(model)
+        optimizer.update(model, grads)
+
+    step(model, optimizer)
+    assert not np.allclose(before, model.head.layer.kernel.get_value())
+
+
+def test_nnx_calibration_sets_static_lsq_and_pact_values():
+    """calibrate_nnx sets static ranges, LSQ steps and PACT clips from the observed inputs."""
+    static = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), ACT, method="static"), [X[:4], X[4:]])
+    np.testing.assert_allclose(static.layers[0].scale.get_value(), float(X.max()) / 127, rtol=1e-6)
+    lsq = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), ACT, method="lsq"), [X])
+    np.testing.assert_allclose(lsq.layers[0].step.get_value(), 2 * float(jnp.abs(X).mean()) / np.sqrt(127),
+                               rtol=1e-5)
+    pact = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), QuantSpec(signed=False), method="pact"), [X])
+    np.testing.assert_allclose(pact.layers[0].alpha.get_value(), float(X.max()), rtol=1e-6)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(lsq)
+    assert float(jnp.abs(grads["layers"][0]["step"].get_value())) > 0
+    with pytest.raises(ValueError, match="no QuantizedInput"):
+        calibrate_nnx(_nnx_mlp(), [X])
+
+
+def _flatten(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def test_nnx_serving_replaces_layers_with_integer_kernels():
+    """serve_nnx swaps Linear / Conv layers for QuantizedLayer with QArray kernels; the output
+    is the static fake-quant forward pass, computed on int8."""
+    model = nnx.jit(lambda: nnx.Sequential(
+        nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)), _flatten, nnx.Linear(256, 10, rngs=nnx.Rngs(1))))()
+    calibrate_nnx(quantize_inputs_nnx(model, ACT, method="static"), [X])
+    qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    graphdef, state = nnx.split(model)
+    float_model = nnx.merge(graphdef, nnx.merge_state(state, jaxcomp.materialize(qstate)))
+    ref = _forward(float_model, X)
+    serve_nnx(model, qstate, strategy="int8")
+    assert isinstance(model.layers[0], QuantizedLayer) and isinstance(model.layers[2], QuantizedLayer)
+    out = _forward(model, X)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+    products = _int_products(lambda x: model(x), X)
+    assert len(products) == 2 and all(p == (jnp.int8, jnp.int8) for p in products)
+    kernels = [v for p, v in jaxcomp.path_dict(nnx.state(model, nnx.Param)).items() if p.endswith("kernel")]
+    assert len(kernels) == 2 and all(isinstance(k, QArray) for k in kernels)
+    with pytest.raises(ValueError, match="no QArray kernel"):
+        serve_nnx(_nnx_mlp(), {"unrelated": jnp.ones(2)})
+
+
+def test_nnx_attention_serves_its_linear_general_projections_on_int8():
+    """LinearGeneral projections inside MultiHeadAttention are served on int8 too."""
+    model = nnx.jit(lambda: nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=nnx.Rngs(0)))()
+    x = X[:, :, :, 0]
+    qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    graphdef, state = nnx.split(model)
+    ref = _forward(nnx.merge(graphdef, nnx.merge_state(state, jaxcomp.materialize(qstate))), x)
+    serve_nnx(model, qstate, strategy="int8")
+    assert isinstance(model.query, QuantizedLayer) and isinstance(model.out, QuantizedLayer)
+    products = _int_products(lambda x: model(x), x)
+    assert sum(p == (jnp.int8, jnp.int8) for p in products) == 4
+    chex.assert_trees_all_close(_forward(model, x), ref, atol=0.05)
