@@ -11,7 +11,16 @@ Example:
     (4, 3)
     >>> jaxcomp.select(params, r".*kernel")
     {'Dense_0': {'bias': False, 'kernel': True}}
+
+The techniques live in subpackages, imported on first use (`jaxcomp.quant` pulls in nothing
+until touched): `jaxcomp.quant` (fake quantization, QAT, PTQ, integer serving, codebooks),
+`jaxcomp.sparsity` (masks, scores, schedules, the optax pruning wrapper, sparse training),
+`jaxcomp.structured` (channel removal that shrinks the model), `jaxcomp.decompose` (SVD, TT,
+Tucker-2 and CP factorized leaves), `jaxcomp.distill` (distillation losses), and
+`jaxcomp.nn` (their Flax Linen and NNX integration).
 """
+
+import importlib
 
 from jaxcomp import distill
 from jaxcomp.core import (
@@ -39,6 +48,19 @@ from jaxcomp.tree import (
 
 __version__ = "0.1.0"
 
+_SUBPACKAGES = ("decompose", "nn", "quant", "sparsity", "structured", "testing")
+
+
+def __getattr__(name: str):
+    # Subpackages load on first attribute access, so `import jaxcomp` stays light.
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"jaxcomp.{name}")
+    raise AttributeError(f"module 'jaxcomp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBPACKAGES))
+
 __all__ = [
     "CompressedLeaf",
     "FlopCount",
@@ -51,16 +73,21 @@ __all__ = [
     "compressed_leaf",
     "distill",
     "count_flops",
+    "decompose",
     "is_compressed",
     "key_path_str",
     "leaves_with_paths",
     "map_selected",
     "materialize",
+    "nn",
     "path_dict",
+    "quant",
     "report",
     "select",
     "selected_paths",
+    "sparsity",
     "static_field",
     "stored_nbytes",
+    "structured",
     "tree_paths",
 ]
