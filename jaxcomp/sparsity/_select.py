@@ -17,6 +17,7 @@ of pruned elements is exactly k.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -199,16 +200,11 @@ def _search(
     hi = jnp.full((num_groups,), to_key(jnp.float32(jnp.inf)))
     c_lo = jnp.zeros((num_groups,), jnp.int32)
     c_hi = jnp.asarray(totals, jnp.int32)
-    # A sample of the scores gives a tight first bracket; counting its two ends checks it.
-    for candidate in _sample_bracket(scores, groups, weights, k, totals):
-        key = jnp.clip(to_key(candidate), lo + 1, hi - 1)
-        usable = ~jnp.isnan(candidate) & (hi - lo > 1)
-        c = counts(key)
-        up = usable & (c <= k) & (c >= c_lo)
-        down = usable & (c > k) & (c <= c_hi)
-        lo, c_lo = jnp.where(up, key, lo), jnp.where(up, c, c_lo)
-        hi, c_hi = jnp.where(down, key, hi), jnp.where(down, c, c_hi)
     unit = jnp.asarray(unit)
+    # The first two steps try quantiles of a small sample: most times a tight bracket.
+    sample_lo, sample_hi = _sample_bracket(scores, groups, weights, k, totals)
+    queue = jnp.stack([to_key(sample_lo), to_key(sample_hi)], axis=1)
+    queued = jnp.stack([~jnp.isnan(sample_lo), ~jnp.isnan(sample_hi)], axis=1)
 
     def done(lo, hi, c_lo, c_hi):
         return (c_lo == k) | (c_hi == k) | (hi - lo <= 1) | ((unit > 1) & (c_hi - c_lo <= unit))
@@ -229,6 +225,10 @@ def _search(
         guess = jnp.where(jnp.isfinite(span) & (span < 1e30), by_value, by_key)
         # Interpolation that has not halved the bracket in three steps gives way to bisection.
         guess = jnp.where(since >= 3, lo + width // 2, guess)
+        slot = jnp.minimum(step, 1)
+        sampled = queue[:, slot]
+        guess = jnp.where((step < 2) & queued[:, slot] & (sampled > lo) & (sampled < hi),
+                          sampled, guess)
         cand = jnp.clip(jnp.where(has_nxt, nxt, guess), lo + 1, jnp.maximum(hi, lo + 2) - 1)
         c = counts(cand)
         up = active & (c <= k)
@@ -322,19 +322,29 @@ def lowest_k(
     Returns:
       One bool array per leaf.
     """
+    groups = tuple(range(len(scores))) if groups is None else tuple(int(g) for g in groups)
+    weights = (1,) * len(scores) if weights is None else tuple(int(w) for w in weights)
+    # Jitted as a whole: called eagerly, its many small operations would each dispatch alone.
+    return _lowest_k(list(scores), jnp.asarray(k, jnp.int32), groups, weights)
+
+
+# One search serves every group at once (its control logic is vectorized over groups), which
+# keeps the compiled program small however many leaves are pruned separately.
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _lowest_k(
+    scores: list[jax.Array], k: jax.Array, groups: tuple[int, ...], weights: tuple[int, ...]
+) -> list[jax.Array]:
     scores = [sanitize(s) for s in scores]
-    groups = list(range(len(scores))) if groups is None else list(groups)
-    weighted = weights is not None and any(w != 1 for w in weights)
-    weights = [1] * len(scores) if weights is None else list(weights)
-    k = jnp.asarray(k, jnp.int32)
+    num_groups = k.shape[0]
+    weighted = np.zeros(num_groups, bool)
+    for g, w in zip(groups, weights):
+        weighted[g] |= w != 1
     lo_key, hi_key, c_lo, c_hi = _search(scores, groups, weights, k)
-    exact_hi = (c_hi == k) | ((c_lo != k) & bool(weighted))
-    threshold = jnp.where(exact_hi, from_key(hi_key), from_key(lo_key))
+    at_hi = (c_hi == k) | ((c_lo != k) & jnp.asarray(weighted))
+    threshold = jnp.where(at_hi, from_key(hi_key), from_key(lo_key))
     marked = [below(s, threshold[g]) > 0 for s, g in zip(scores, groups)]
-    if weighted:
-        return marked
-    # Groups whose k-th and (k+1)-th scores are equal: take the first ties by position.
-    need = jnp.where(exact_hi | (c_lo == k), 0, k - c_lo)
+    # Unweighted groups whose k-th and (k+1)-th scores are equal: first ties by position.
+    need = jnp.where(at_hi | (c_lo == k), 0, k - c_lo)
     tie_value = from_key(lo_key)
 
     def split_ties(marked):

@@ -252,24 +252,12 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
     return groups, treedef, len(flat)
 
 
-def group_masks(
-    group: _Group,
-    treedef: Any,
-    params: Sequence[Any],
-    grads: Sequence[Any] | None,
-    state: Any,
-    key: jax.Array | None,
-    step: jax.Array,
-    previous: Sequence[Any] | None = None,
-) -> list[jax.Array]:
-    """Keep-masks of one group's leaves (in `group.positions` order).
-
-    With `previous` masks, weights they prune score lowest, so masks only shrink while the
-    target does not decrease (pruned weights are zero, and stay pruned).
-    """
-    sub_params = group.subtree(treedef, params)
+def _scores(group: _Group, treedef: Any, params: Sequence[Any], grads: Sequence[Any] | None,
+            state: Any, key: jax.Array | None,
+            previous: Sequence[Any] | None) -> list[jax.Array]:
+    """The float32 scores of one group's leaves, validated against the params."""
     sub_grads = None if grads is None else group.subtree(treedef, grads)
-    scores_tree = group.score(sub_params, sub_grads, state, key)
+    scores_tree = group.score(group.subtree(treedef, params), sub_grads, state, key)
     try:
         score_leaves = treedef.flatten_up_to(scores_tree)
     except (ValueError, TypeError) as e:
@@ -287,22 +275,60 @@ def group_masks(
         if previous is not None:
             s = jnp.where(previous[i], s, -jnp.inf)
         scores.append(s)
-    targets = group.targets(step)
-    granularity = group.granularity
-    if isinstance(granularity, NM):
-        return [jnp.where(targets[j] > 0, granularity.select(s), True)
-                for j, s in enumerate(scores)]
-    units = [granularity.pool(s) for s in scores]
-    if group.distribution.shared_threshold:
-        total = sum(granularity.unit_size(shape) * u.size for shape, u in zip(group.shapes, units))
-        k = jnp.round(targets[0] * total).astype(jnp.int32)[None]
-        pruned = lowest_k(units, k, groups=[0] * len(units),
-                          weights=[granularity.unit_size(shape) for shape in group.shapes])
-    else:
-        sizes = jnp.asarray([u.size for u in units], jnp.float32)
-        k = jnp.round(targets * sizes).astype(jnp.int32)
-        pruned = lowest_k(units, k)
-    return [granularity.expand(~p, shape) for p, shape in zip(pruned, group.shapes)]
+    return scores
+
+
+def all_masks(
+    groups: Sequence[_Group],
+    treedef: Any,
+    params: Sequence[Any],
+    grads: Sequence[Any] | None,
+    states: Sequence[Any],
+    keys: Sequence[jax.Array | None],
+    step: jax.Array,
+    previous: Sequence[Any] | None = None,
+) -> list[list[jax.Array]]:
+    """Keep-masks of every group's leaves (each in `group.positions` order).
+
+    All thresholds are searched together, in one program. With `previous` masks, weights they
+    prune score lowest, so masks only shrink while the target does not decrease (pruned weights
+    are zero, and stay pruned).
+    """
+    units, unit_groups, weights, ks, plan = [], [], [], [], []
+    for group, state, key in zip(groups, states, keys):
+        scores = _scores(group, treedef, params, grads, state, key, previous)
+        targets = group.targets(step)
+        granularity = group.granularity
+        if isinstance(granularity, NM):
+            plan.append([jnp.where(targets[j] > 0, granularity.select(s), True)
+                         for j, s in enumerate(scores)])
+            continue
+        pooled = [granularity.pool(s) for s in scores]
+        plan.append(len(units))
+        if group.distribution.shared_threshold:
+            sizes = [granularity.unit_size(shape) for shape in group.shapes]
+            total = sum(w * u.size for w, u in zip(sizes, pooled))
+            ks.append(jnp.round(targets[0] * total))
+            unit_groups += [len(ks) - 1] * len(pooled)
+            weights += sizes
+        else:
+            for j, u in enumerate(pooled):
+                ks.append(jnp.round(targets[j] * u.size))
+                unit_groups.append(len(ks) - 1)
+                weights.append(1)
+        units += pooled
+    pruned = []
+    if units:
+        k = jnp.stack(ks).astype(jnp.int32)
+        pruned = lowest_k(units, k, groups=unit_groups, weights=weights)
+    out = []
+    for group, entry in zip(groups, plan):
+        if isinstance(entry, list):
+            out.append(entry)
+        else:
+            out.append([group.granularity.expand(~pruned[entry + j], shape)
+                        for j, shape in enumerate(group.shapes)])
+    return out
 
 
 def _rule_key(key: jax.Array | None, index: int) -> jax.Array | None:
@@ -344,38 +370,42 @@ def compute_masks(
         Array([ True, False, False,  True], dtype=bool)
     """
     groups, treedef, _ = resolve(params, pruner)
-    leaves = treedef.flatten_up_to(params)
-    grad_leaves = None
     if grads is not None:
         assert_same_structure(params, grads, what="grads")
-        grad_leaves = treedef.flatten_up_to(grads)
-    previous = None
     if masks is not None:
-        previous = [None if m is None else jnp.broadcast_to(m.astype(bool), np.shape(p))
-                    for _, p, m in mask_leaves(params, masks)]
+        mask_leaves(params, masks)
     if step is None:
         for group in groups:
-            granularity, score, distribution, spec = pruner.settings(group.index)
+            _, _, distribution, spec = pruner.settings(group.index)
             per_path = getattr(distribution, "sparsities", {})
             if callable(spec) or any(callable(v) for v in per_path.values()):
                 raise ValueError(
                     f"rule {group.index} has a sparsity schedule: pass step= to evaluate it")
         step = 0
-    step = jnp.asarray(step, jnp.int32)
-    out: list[Any] = [None] * len(leaves)
     for group in groups:
+        name = type(group.score).__name__
         if group.score.needs_grads and grads is None:
-            raise ValueError(f"the {type(group.score).__name__} score of rule {group.index} "
-                             "needs grads=")
+            raise ValueError(f"the {name} score of rule {group.index} needs grads=")
         if group.score.needs_key and key is None:
-            raise ValueError(f"the {type(group.score).__name__} score of rule {group.index} "
-                             "needs key=")
+            raise ValueError(f"the {name} score of rule {group.index} needs key=")
+    step = jnp.asarray(step, jnp.int32)
+    leaves = treedef.flatten_up_to(params)
+    grad_leaves = None if grads is None else treedef.flatten_up_to(grads)
+    previous = None
+    if masks is not None:
+        previous = [None if m is None else jnp.broadcast_to(m.astype(bool), np.shape(p))
+                    for _, p, m in mask_leaves(params, masks)]
+    states = []
+    for group in groups:
         sub_params = group.subtree(treedef, leaves)
         state = group.score.init(sub_params)
         if grad_leaves is not None:
             state = group.score.accumulate(state, sub_params, group.subtree(treedef, grad_leaves))
-        kept = group_masks(group, treedef, leaves, grad_leaves, state,
-                           _rule_key(key, group.index), step, previous)
+        states.append(state)
+    keys = [_rule_key(key, group.index) for group in groups]
+    out: list[Any] = [None] * len(leaves)
+    for group, kept in zip(groups, all_masks(groups, treedef, leaves, grad_leaves, states, keys,
+                                             step, previous)):
         for i, mask in zip(group.positions, kept):
             out[i] = mask
     return jax.tree.unflatten(treedef, out)

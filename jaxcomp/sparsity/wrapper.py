@@ -32,7 +32,7 @@ import optax
 from jax import lax
 
 from jaxcomp.sparsity.dynamic import SET, drop_and_grow
-from jaxcomp.sparsity.pruner import Pruner, _rule_key, group_masks, resolve
+from jaxcomp.sparsity.pruner import Pruner, _rule_key, all_masks, resolve
 from jaxcomp.tree import assert_same_structure
 
 __all__ = ["PruneState", "masks_of", "prune"]
@@ -48,20 +48,20 @@ class PruneState(NamedTuple):
       inner_state: the wrapped optimizer's state.
       score_state: one entry per rule: the state of its score (`()` for stateless scores, e.g.
         the accumulated movement for `Movement()`).
-      key: uint32 key data for random scores and SET, split on every mask update (shape (0,)
-        when no randomness is used).
+      key: uint32 key data for random scores and SET, split on every mask update (`None` when
+        no randomness is used).
     """
 
     count: jax.Array
     masks: Any
     inner_state: optax.OptState
     score_state: tuple[Any, ...]
-    key: jax.Array
+    key: jax.Array | None
 
 
-def _key_data(key: jax.Array | None) -> jax.Array:
+def _key_data(key: jax.Array | None) -> jax.Array | None:
     if key is None:
-        return jnp.zeros((0,), jnp.uint32)
+        return None
     key = jnp.asarray(key)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
@@ -172,8 +172,8 @@ def prune(
             branch = jnp.where(changed, 1, jnp.where(dynamic.is_update_step(count), 2, 0))
 
         def split_key(key):
-            if key.size == 0:
-                return key, None
+            if key is None:
+                return None, None
             next_key, use = jax.random.split(jax.random.wrap_key_data(key))
             return jax.random.key_data(next_key), use
 
@@ -184,9 +184,9 @@ def prune(
             key, use = split_key(key)
             previous = None if straight_through else masks
             new = list(masks)
-            for group, st in zip(groups, score_state):
-                kept = group_masks(group, treedef, p_leaves, g_leaves, st,
-                                   _rule_key(use, group.index), count, previous)
+            keys = [_rule_key(use, group.index) for group in groups]
+            for group, kept in zip(groups, all_masks(groups, treedef, p_leaves, g_leaves,
+                                                     score_state, keys, count, previous)):
                 for i, mask in zip(group.positions, kept):
                     new[i] = mask
             return new, key
