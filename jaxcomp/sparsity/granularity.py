@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -112,22 +113,26 @@ class NM(Granularity):
 
     def select(self, scores: jax.Array) -> jax.Array:
         """The N:M keep-mask of `scores` (True = kept); ties go to the earlier position."""
-        axis = self.axis % scores.ndim
-        x = jnp.moveaxis(sanitize(scores), axis, -1)
-        length = x.shape[-1]
-        pad = -length % self.m
-        # Padding scores below every real one: a short last group keeps min(N, r) real weights.
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
-        groups = x.reshape(*x.shape[:-1], -1, self.m)
-        # Rank of each weight in its group: how many beat it (ties: the earlier one wins).
-        rank = jnp.zeros(groups.shape, jnp.int32)
-        for j in range(self.m):
-            other = groups[..., j : j + 1]
-            position = lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
-            beats = (other > groups) | ((other == groups) & (j < position))
-            rank = rank + beats.astype(jnp.int32)
-        keep = (rank < self.n).reshape(*x.shape[:-1], -1)[..., :length]
-        return jnp.moveaxis(keep, -1, axis)
+        return _nm_select(scores, self.n, self.m, self.axis % scores.ndim)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_select(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+    x = jnp.moveaxis(sanitize(scores), axis, -1)
+    length = x.shape[-1]
+    pad = -length % m
+    # Padding scores below every real one: a short last group keeps min(N, r) real weights.
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    groups = x.reshape(*x.shape[:-1], -1, m)
+    position = lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
+    # Rank of each weight in its group: how many beat it (ties: the earlier one wins).
+    rank = jnp.zeros(groups.shape, jnp.int32)
+    for j in range(m):
+        other = groups[..., j : j + 1]
+        beats = (other > groups) | ((other == groups) & (j < position))
+        rank = rank + beats.astype(jnp.int32)
+    keep = (rank < n).reshape(*x.shape[:-1], -1)[..., :length]
+    return jnp.moveaxis(keep, -1, axis)
 
 
 @dataclasses.dataclass(frozen=True)

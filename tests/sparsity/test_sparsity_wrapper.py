@@ -131,7 +131,6 @@ _OPTIMIZERS = {
     "lion": optax.lion(0.01),
     "adafactor": optax.adafactor(0.05, min_dim_size_to_factor=4),
     "masked": optax.masked(optax.adam(0.05), _MASK_TREE),
-    "sgd_momentum": optax.sgd(0.05, momentum=0.9),
 }
 
 
