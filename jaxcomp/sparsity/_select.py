@@ -61,16 +61,30 @@ def below(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def count_below(x: jax.Array, t: jax.Array) -> jax.Array:
     """Number of elements of `x` strictly below `t`, as an exact int32."""
-    ind = below(x, t)
-    if x.size < _EXACT_F32:
-        return jnp.sum(ind).astype(jnp.int32)
-    inner, axis = 1, x.ndim
-    while axis > 0 and inner * x.shape[axis - 1] < _EXACT_F32:
+    return _exact_sum(below(x, t))
+
+
+def count_true(mask: jax.Array) -> jax.Array:
+    """Number of True elements of `mask`, as an exact int32."""
+    return _exact_sum(jnp.where(mask, 1.0, 0.0))
+
+
+def _exact_sum(ones: jax.Array) -> jax.Array:
+    """Exact int32 sum of an array of float32 zeros and ones.
+
+    Summed in float32, which XLA fuses with the expression producing `ones` (an integer sum
+    materializes the converted array first); partial sums stay below 2**24, where float32 counts
+    exactly.
+    """
+    if ones.size < _EXACT_F32:
+        return jnp.sum(ones).astype(jnp.int32)
+    inner, axis = 1, ones.ndim
+    while axis > 0 and inner * ones.shape[axis - 1] < _EXACT_F32:
         axis -= 1
-        inner *= x.shape[axis]
-    if axis == x.ndim:  # one axis alone holds 2**24 elements: count in integers
-        return jnp.sum(ind.astype(jnp.int32))
-    partial = jnp.sum(ind, axis=tuple(range(axis, x.ndim))).astype(jnp.int32)
+        inner *= ones.shape[axis]
+    if axis == ones.ndim:  # one axis alone holds 2**24 elements: count in integers
+        return jnp.sum(ones.astype(jnp.int32))
+    partial = jnp.sum(ones, axis=tuple(range(axis, ones.ndim))).astype(jnp.int32)
     return jnp.sum(partial)
 
 
@@ -159,7 +173,7 @@ def _search(
     groups: Sequence[int],
     weights: Sequence[int],
     k: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, list[jax.Array]]:
     """Per group, keys lo < hi with c(lo) <= k <= c(hi) and c(lo) == k, c(hi) == k, or nothing
     between them to split (hi == lo + 1); weighted groups stop once one unit spans the gap.
 
@@ -178,21 +192,20 @@ def _search(
     weight = np.asarray(weights, np.int32)
     target = k.astype(jnp.float32) + 0.5
 
-    def counts(keys: jax.Array) -> jax.Array:
+    def counts(keys: jax.Array, scores: list[jax.Array]) -> jax.Array:
         thresholds = from_key(keys)[groups_arr]
         per_leaf = [count_below(s, thresholds[i]) * weight[i] for i, s in enumerate(scores)]
         return _group_sum(per_leaf, groups, num_groups)
 
-    def nearest(keys: jax.Array, upward: jax.Array) -> jax.Array:
+    def nearest(keys: jax.Array, upward: jax.Array, scores: list[jax.Array]) -> jax.Array:
         """Largest score below the threshold (or, where `upward`, the smallest at or above)."""
         thresholds = from_key(keys)[groups_arr]
         up = upward[groups_arr]
         per_leaf = []
         for i, s in enumerate(scores):
-            ind = below(s, thresholds[i])
-            side = jnp.where(up[i], 1.0 - ind, ind)
-            sign = jnp.where(up[i], -1.0, 1.0)
-            per_leaf.append(jnp.max(sign * s * side - _FMAX * (1.0 - side)))
+            # One expression feeding the max, so it fuses into the reduction (no temporary).
+            take = (below(s, thresholds[i]) > 0) != up[i]
+            per_leaf.append(jnp.max(jnp.where(take, jnp.where(up[i], -s, s), -_FMAX)))
         best = _group_max(per_leaf, groups, num_groups)
         return jnp.where(upward, -best, best)
 
@@ -214,7 +227,7 @@ def _search(
         return (step < _MAX_STEPS) & ~jnp.all(done(lo, hi, c_lo, c_hi))
 
     def body(state):
-        step, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, has_nxt, ref_width, since = state
+        step, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, has_nxt, ref_width, since, scores = state
         active = ~done(lo, hi, c_lo, c_hi)
         width = hi - lo
         frac = jnp.clip(-f_lo / (f_hi - f_lo), 0.0, 1.0)
@@ -230,7 +243,7 @@ def _search(
         guess = jnp.where((step < 2) & queued[:, slot] & (sampled > lo) & (sampled < hi),
                           sampled, guess)
         cand = jnp.clip(jnp.where(has_nxt, nxt, guess), lo + 1, jnp.maximum(hi, lo + 2) - 1)
-        c = counts(cand)
+        c = counts(cand, scores)
         up = active & (c <= k)
         down = active & (c > k)
         f_c = c.astype(jnp.float32) - target
@@ -246,7 +259,7 @@ def _search(
 
         def snapped(args):
             lo, hi = args
-            value_key = to_key(nearest(cand, upward))
+            value_key = to_key(nearest(cand, upward, scores))
             lo = jnp.where(snap & upward, value_key, lo)
             hi = jnp.where(snap & ~upward, value_key + 1, hi)
             return lo, hi, jnp.where(upward, value_key + 1, value_key)
@@ -256,16 +269,20 @@ def _search(
         halved = new_width <= ref_width // 2
         ref_width = jnp.where(halved, new_width, ref_width)
         since = jnp.where(halved | snap, 0, since + 1)
-        return (step + 1, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, snap, ref_width, since)
+        return (step + 1, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, snap, ref_width, since,
+                lax.optimization_barrier(scores))
 
     zeros_i = jnp.zeros((num_groups,), jnp.int32)
     state = (
         jnp.int32(0), lo, hi, c_lo, c_hi,
         c_lo.astype(jnp.float32) - target, c_hi.astype(jnp.float32) - target,
         zeros_i, lo, jnp.zeros((num_groups,), bool), hi - lo, zeros_i,
+        scores,
     )
-    _, lo, hi, c_lo, c_hi = lax.while_loop(cond, body, state)[:5]
-    return lo, hi, c_lo, c_hi
+    # The scores ride in the loop state and come back out (the barrier keeps XLA from seeing
+    # through): passed as loop constants and read again afterwards, they would be copied.
+    _, lo, hi, c_lo, c_hi, *_, scores = lax.while_loop(cond, body, state)
+    return lo, hi, c_lo, c_hi, scores
 
 
 def _tie_cutoffs(
@@ -278,7 +295,7 @@ def _tie_cutoffs(
     below j are the first `need` ties of the group in (leaf, position) order."""
     groups_arr = np.asarray(groups)
     ties = [s == tie_value[g] for s, g in zip(scores, groups)]
-    tie_counts = [jnp.sum(t.astype(jnp.int32)) for t in ties]
+    tie_counts = [count_true(t) for t in ties]
     # Ties left for each leaf after the earlier leaves of its group took theirs.
     before = []
     running: dict[int, jax.Array] = {}
@@ -293,7 +310,7 @@ def _tie_cutoffs(
         out = []
         for (lo, hi), tie, index, want in zip(bounds, ties, indices, wanted):
             mid = (lo + hi) // 2
-            enough = jnp.sum((tie & (index < mid)).astype(jnp.int32)) >= want
+            enough = count_true(tie & (index < mid)) >= want
             out.append((jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)))
         return out
 
@@ -339,7 +356,7 @@ def _lowest_k(
     weighted = np.zeros(num_groups, bool)
     for g, w in zip(groups, weights):
         weighted[g] |= w != 1
-    lo_key, hi_key, c_lo, c_hi = _search(scores, groups, weights, k)
+    lo_key, hi_key, c_lo, c_hi, scores = _search(scores, groups, weights, k)
     at_hi = (c_hi == k) | ((c_lo != k) & jnp.asarray(weighted))
     threshold = jnp.where(at_hi, from_key(hi_key), from_key(lo_key))
     marked = [below(s, threshold[g]) > 0 for s, g in zip(scores, groups)]
