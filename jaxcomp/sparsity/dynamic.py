@@ -1,0 +1,141 @@
+"""Dynamic sparse training: SET and RigL change which weights are active at constant sparsity.
+
+Every `update_every` steps until `end_step`, each pruned leaf drops the fraction f_t of its
+active weights with the smallest magnitude and grows as many inactive ones: at random (SET,
+Mocanu et al. 2018) or those with the largest gradient magnitude (RigL, Evci et al. 2020).
+f_t = f_0 / 2 * (1 + cos(pi * t / end_step)). Grown weights start at zero, their optimizer
+moments are reset, and the number of active weights stays constant. The initial topology comes
+from the pruner's own score and schedule (RigL uses a random one: `score=Random()` with a
+constant schedule).
+
+Use it through `Pruner(dynamic=RigL(...))`; `drop_and_grow` is the step itself.
+
+Example:
+    >>> rigl = RigL(update_every=100, end_step=1000, drop_fraction=0.3)
+    >>> round(float(rigl.fraction(0)), 3), round(float(rigl.fraction(500)), 3)
+    (0.3, 0.15)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcomp.sparsity._select import lowest_k
+
+__all__ = ["RigL", "SET", "drop_and_grow"]
+
+
+def _check(name: str, update_every: int, end_step: int, drop_fraction: float) -> None:
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"{name}: update_every must be a positive int, got {update_every!r}")
+    if isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1:
+        raise ValueError(f"{name}: end_step must be a positive int, got {end_step!r}")
+    if not 0.0 < drop_fraction < 1.0:
+        raise ValueError(f"{name}: drop_fraction must be in (0, 1), got {drop_fraction!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _DropAndGrow:
+    update_every: int = 100
+    end_step: int = 10_000
+    drop_fraction: float = 0.3
+
+    grow_by_gradient = False
+
+    def __post_init__(self):
+        _check(type(self).__name__, self.update_every, self.end_step, self.drop_fraction)
+
+    def fraction(self, step: jax.typing.ArrayLike) -> jax.Array:
+        """Cosine-decayed drop fraction at `step`."""
+        progress = jnp.minimum(jnp.asarray(step, jnp.float32) / self.end_step, 1.0)
+        return 0.5 * self.drop_fraction * (1.0 + jnp.cos(math.pi * progress))
+
+    def is_update_step(self, step: jax.Array) -> jax.Array:
+        """True on the steps that change the topology (never step 0, never from `end_step`)."""
+        return (step > 0) & (step < self.end_step) & (step % self.update_every == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SET(_DropAndGrow):
+    """Sparse Evolutionary Training: drop the smallest weights, grow random ones.
+
+    Attributes:
+      update_every: steps between topology updates.
+      end_step: no updates from this step on; the cosine decay of the fraction ends here.
+      drop_fraction: f_0, the fraction of active weights dropped at step 0 of the decay.
+
+    Example:
+        >>> SET(update_every=10, end_step=100).is_update_step(jnp.int32(20))
+        Array(True, dtype=bool)
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class RigL(_DropAndGrow):
+    """Rigged Lottery: drop the smallest weights, grow those with the largest |gradient|.
+
+    Attributes:
+      update_every: steps between topology updates.
+      end_step: no updates from this step on; the cosine decay of the fraction ends here.
+      drop_fraction: f_0, the fraction of active weights dropped at step 0 of the decay.
+
+    Example:
+        >>> RigL(end_step=100).grow_by_gradient
+        True
+    """
+
+    grow_by_gradient = True
+
+
+def drop_and_grow(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    masks: Sequence[jax.Array],
+    fraction: jax.typing.ArrayLike,
+    *,
+    key: jax.Array | None = None,
+) -> list[jax.Array]:
+    """One SET/RigL topology update of each leaf: same number of active weights, new positions.
+
+    Args:
+      params: the weights of the pruned leaves.
+      grads: their dense gradients (used to grow when `key` is None: RigL).
+      masks: their current bool keep-masks.
+      fraction: fraction of each leaf's active weights to drop (and grow back elsewhere).
+      key: grow at random from this key (SET) instead of by gradient magnitude.
+
+    Returns:
+      The new masks. A weight dropped at this step is not regrown at the same step.
+
+    Example:
+        >>> new = drop_and_grow([jnp.array([3., 0., 1., 0.])], [jnp.array([0., 5., 0., 1.])],
+        ...                     [jnp.array([True, False, True, False])], 0.5)
+        >>> new[0]
+        Array([ True,  True, False, False], dtype=bool)
+    """
+    masks = [m.astype(bool) for m in masks]
+    fraction = jnp.asarray(fraction, jnp.float32)
+    active = [jnp.sum(m.astype(jnp.int32)) for m in masks]
+    inactive = [m.size - a for m, a in zip(masks, active)]
+    count = jnp.stack([
+        jnp.minimum(jnp.round(fraction * a.astype(jnp.float32)).astype(jnp.int32), i)
+        for a, i in zip(active, inactive)
+    ])
+    # Drop: the lowest magnitudes among active weights (inactive ones are never chosen).
+    drop_scores = [jnp.where(m, jnp.abs(p).astype(jnp.float32), jnp.inf)
+                   for p, m in zip(params, masks)]
+    dropped = lowest_k(drop_scores, count)
+    if key is None:
+        growth = [jnp.abs(g).astype(jnp.float32) for g in grads]
+    else:
+        keys = jax.random.split(key, len(masks))
+        growth = [jax.random.uniform(k, m.shape) for k, m in zip(keys, masks)]
+    # Grow: the highest growth scores among weights inactive before this step.
+    grow_scores = [jnp.where(m, jnp.inf, -s) for s, m in zip(growth, masks)]
+    grown = lowest_k(grow_scores, count)
+    return [(m & ~d) | g for m, d, g in zip(masks, dropped, grown)]

@@ -1,0 +1,339 @@
+"""What a mask keeps or drops together: single weights, N:M groups, blocks, or whole channels.
+
+A granularity turns per-weight scores into the scores of its *units* (`pool`), and a keep/drop
+decision per unit back into a mask of the weight's shape (`expand`). Unstructured pruning is the
+identity; blocks and channels pool their weights' scores by mean or max. N:M is different: its
+sparsity is fixed (N kept in every M), so it decides the mask itself (`NM.select`).
+
+Example:
+    >>> scores = jnp.array([[4., 1., 3., 2.], [1., 2., 3., 4.]])
+    >>> NM(n=2, m=4, axis=-1).select(scores)
+    Array([[ True, False,  True, False],
+           [False, False,  True,  True]], dtype=bool)
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcomp.sparsity._select import lowest_k, sanitize
+
+__all__ = ["Block", "Channel", "Granularity", "NM", "Unstructured", "block_mask", "channel_mask",
+           "nm_mask", "unstructured_mask"]
+
+Pool = Literal["mean", "max"]
+
+
+def _normalize_axis(path: str, axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{path}: {what} axis={axis} is out of range for a leaf of rank {ndim}")
+    return axis % ndim
+
+
+class Granularity(abc.ABC):
+    """Base class: how weights group into the units a mask keeps or prunes."""
+
+    def check(self, path: str, shape: tuple[int, ...]) -> None:
+        """Raises `ValueError` naming `path` if this granularity cannot apply to `shape`."""
+
+    def num_units(self, shape: tuple[int, ...]) -> int:
+        """Number of units a leaf of `shape` has."""
+        return math.prod(shape)
+
+    def unit_size(self, shape: tuple[int, ...]) -> int:
+        """Weights per unit (used to weigh units in a global threshold)."""
+        return 1
+
+    def pool(self, scores: jax.Array) -> jax.Array:
+        """Per-weight scores to per-unit scores."""
+        return scores
+
+    def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """A per-unit keep decision to a mask of `shape`."""
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured(Granularity):
+    """Every weight is its own unit.
+
+    Example:
+        >>> Unstructured().num_units((3, 4))
+        12
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class NM(Granularity):
+    """N:M sparsity: in every M consecutive weights along `axis`, keep the N with the top scores.
+
+    2:4 along the contracting axis is what sparse tensor cores run; the default `axis=-2` is the
+    input axis of a Dense kernel `(in, out)` and the input-channel axis of an HWIO conv kernel.
+    When the axis length is not a multiple of M, the last, shorter group of r weights keeps
+    min(N, r). The sparsity is fixed at 1 - N/M: a schedule only says when the mask is applied
+    (when its value becomes positive).
+
+    Attributes:
+      n: weights kept per group (1 <= n <= m).
+      m: group size.
+      axis: the axis along which groups run.
+
+    Example:
+        >>> NM(n=2, m=4).unit_size((8, 3))
+        1
+    """
+
+    n: int = 2
+    m: int = 4
+    axis: int = -2
+
+    def __post_init__(self):
+        if not (isinstance(self.m, int) and self.m >= 1):
+            raise ValueError(f"NM: m must be a positive int, got m={self.m!r}")
+        if not (isinstance(self.n, int) and 1 <= self.n <= self.m):
+            raise ValueError(f"NM: n must be an int in [1, m={self.m}], got n={self.n!r}")
+
+    def check(self, path: str, shape: tuple[int, ...]) -> None:
+        if not shape:
+            raise ValueError(f"{path}: N:M sparsity needs an array, got a scalar leaf")
+        _normalize_axis(path, self.axis, len(shape), "NM")
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights pruned in full groups."""
+        return 1.0 - self.n / self.m
+
+    def select(self, scores: jax.Array) -> jax.Array:
+        """The N:M keep-mask of `scores` (True = kept); ties go to the earlier position."""
+        return _nm_select(scores, self.n, self.m, self.axis % scores.ndim)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_select(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+    x = jnp.moveaxis(sanitize(scores), axis, -1)
+    length = x.shape[-1]
+    pad = -length % m
+    # Padding scores below every real one: a short last group keeps min(N, r) real weights.
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    groups = x.reshape(*x.shape[:-1], -1, m)
+    position = lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
+    # Rank of each weight in its group: how many beat it (ties: the earlier one wins).
+    rank = jnp.zeros(groups.shape, jnp.int32)
+    for j in range(m):
+        other = groups[..., j : j + 1]
+        beats = (other > groups) | ((other == groups) & (j < position))
+        rank = rank + beats.astype(jnp.int32)
+    keep = (rank < n).reshape(*x.shape[:-1], -1)[..., :length]
+    return jnp.moveaxis(keep, -1, axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(Granularity):
+    """Blocks of `shape` over the trailing axes, pooled by mean or max of their weights' scores.
+
+    `Block((r, c))` prunes r x c tiles of a Dense kernel; on a conv kernel (HWIO) it tiles the
+    (in, out) plane at every spatial tap (use `Block((kh, kw, r, c))` to tile whole windows).
+    Axes not divisible by the block are fine: edge blocks are smaller and pool what they hold.
+
+    Attributes:
+      shape: block extent along the last `len(shape)` axes, each >= 1.
+      pool_by: "mean" or "max".
+
+    Example:
+        >>> Block((2, 2)).num_units((4, 5))
+        6
+    """
+
+    shape: tuple[int, ...] = (4, 4)
+    pool_by: Pool = "mean"
+
+    def __post_init__(self):
+        shape = tuple(self.shape)
+        if not shape or not all(isinstance(b, int) and b >= 1 for b in shape):
+            raise ValueError(f"Block: shape must be a tuple of positive ints, got {self.shape!r}")
+        if self.pool_by not in ("mean", "max"):
+            raise ValueError(f"Block: pool_by must be 'mean' or 'max', got {self.pool_by!r}")
+        object.__setattr__(self, "shape", shape)
+
+    def check(self, path: str, shape: tuple[int, ...]) -> None:
+        if len(self.shape) > len(shape):
+            raise ValueError(
+                f"{path}: block shape {self.shape} has more axes than the leaf's shape {shape}"
+            )
+        trailing = shape[len(shape) - len(self.shape):]
+        if any(b > d for b, d in zip(self.shape, trailing)):
+            raise ValueError(f"{path}: block shape {self.shape} exceeds the leaf's shape {shape}")
+
+    def _grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        lead = len(shape) - len(self.shape)
+        return shape[:lead] + tuple(-(-d // b) for d, b in zip(shape[lead:], self.shape))
+
+    def num_units(self, shape: tuple[int, ...]) -> int:
+        return math.prod(self._grid(shape))
+
+    def unit_size(self, shape: tuple[int, ...]) -> int:
+        return math.prod(self.shape)
+
+    def pool(self, scores: jax.Array) -> jax.Array:
+        scores = sanitize(scores)
+        lead = scores.ndim - len(self.shape)
+        pads = [(0, 0)] * lead + [(0, -d % b) for d, b in zip(scores.shape[lead:], self.shape)]
+        fill = 0.0 if self.pool_by == "mean" else -jnp.inf
+        padded = jnp.pad(scores, pads, constant_values=fill)
+        split = list(padded.shape[:lead])
+        for d, b in zip(padded.shape[lead:], self.shape):
+            split += [d // b, b]
+        tiles = padded.reshape(split)
+        inner = tuple(lead + 2 * i + 1 for i in range(len(self.shape)))
+        if self.pool_by == "max":
+            return jnp.max(tiles, axis=inner)
+        # Mean over the weights a (possibly clipped) edge block really holds.
+        ones = jnp.pad(jnp.ones(scores.shape[lead:], jnp.float32), pads[lead:])
+        sizes = jnp.sum(ones.reshape(split[lead:]), axis=tuple(2 * i + 1 for i in
+                                                                 range(len(self.shape))))
+        return jnp.sum(tiles, axis=inner) / sizes
+
+    def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        lead = len(shape) - len(self.shape)
+        for i, b in enumerate(self.shape):
+            keep = jnp.repeat(keep, b, axis=lead + i)
+        return keep[tuple(slice(0, d) for d in shape)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel(Granularity):
+    """Whole slices along `axis`: output channels/filters, input channels, rows or columns.
+
+    `axis=-1` prunes output features of a Dense kernel (its columns) or filters of an HWIO conv
+    kernel; `axis=-2` prunes input features (rows) or input channels. Each slice's score pools
+    its weights' scores by mean or max. This only masks; removing the channels physically (and
+    the matching inputs of the next layer) is `jaxcomp.structured`.
+
+    Attributes:
+      axis: the axis whose slices are the units.
+      pool_by: "mean" or "max".
+
+    Example:
+        >>> Channel(axis=-1).num_units((300, 100))
+        100
+    """
+
+    axis: int = -1
+    pool_by: Pool = "mean"
+
+    def __post_init__(self):
+        if self.pool_by not in ("mean", "max"):
+            raise ValueError(f"Channel: pool_by must be 'mean' or 'max', got {self.pool_by!r}")
+
+    def check(self, path: str, shape: tuple[int, ...]) -> None:
+        if not shape:
+            raise ValueError(f"{path}: channel pruning needs an array, got a scalar leaf")
+        _normalize_axis(path, self.axis, len(shape), "Channel")
+
+    def num_units(self, shape: tuple[int, ...]) -> int:
+        return shape[self.axis % len(shape)]
+
+    def unit_size(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape) // self.num_units(shape)
+
+    def pool(self, scores: jax.Array) -> jax.Array:
+        axis = self.axis % scores.ndim
+        others = tuple(a for a in range(scores.ndim) if a != axis)
+        scores = sanitize(scores)
+        return jnp.max(scores, axis=others) if self.pool_by == "max" else jnp.mean(scores, others)
+
+    def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        axis = self.axis % len(shape)
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return jnp.broadcast_to(keep.reshape(view), shape)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, (int, float)) and not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+
+
+def _structured_mask(
+    granularity: Granularity, scores: jax.Array, sparsity: jax.typing.ArrayLike
+) -> jax.Array:
+    _check_sparsity(sparsity)
+    shape = tuple(scores.shape)
+    granularity.check("scores", shape)
+    units = granularity.pool(scores)
+    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * units.size).astype(jnp.int32)
+    (pruned,) = lowest_k([units], k[None])
+    return granularity.expand(~pruned, shape)
+
+
+def unstructured_mask(scores: jax.Array, sparsity: jax.typing.ArrayLike) -> jax.Array:
+    """Keep-mask pruning exactly round(sparsity * size) weights with the lowest scores.
+
+    Ties are broken by position; NaN scores count as the lowest. Works under `jit` with a
+    traced `sparsity` and on sharded arrays (no sort, no gather).
+
+    Args:
+      scores: per-weight scores (higher is more important).
+      sparsity: fraction to prune, in [0, 1).
+
+    Returns:
+      A bool array of `scores.shape`, True where the weight is kept.
+
+    Raises:
+      ValueError: if a concrete `sparsity` is outside [0, 1).
+
+    Example:
+        >>> unstructured_mask(jnp.array([3., 1., 2., 0.5]), 0.5)
+        Array([ True, False,  True, False], dtype=bool)
+    """
+    return _structured_mask(Unstructured(), scores, sparsity)
+
+
+def nm_mask(scores: jax.Array, n: int = 2, m: int = 4, axis: int = -2) -> jax.Array:
+    """Keep-mask with N of every M consecutive weights along `axis` (see `NM`).
+
+    Example:
+        >>> nm_mask(jnp.array([[1., 4., 2., 3.]]), 2, 4, axis=-1)
+        Array([[False,  True, False,  True]], dtype=bool)
+    """
+    granularity = NM(n=n, m=m, axis=axis)
+    granularity.check("scores", tuple(scores.shape))
+    return granularity.select(scores)
+
+
+def block_mask(
+    scores: jax.Array,
+    sparsity: jax.typing.ArrayLike,
+    shape: tuple[int, ...] = (4, 4),
+    pool_by: Pool = "mean",
+) -> jax.Array:
+    """Keep-mask pruning round(sparsity * blocks) whole blocks (see `Block`).
+
+    Example:
+        >>> s = jnp.array([[1., 1., 5., 5.], [1., 1., 5., 5.]])
+        >>> block_mask(s, 0.5, (2, 2))
+        Array([[False, False,  True,  True],
+               [False, False,  True,  True]], dtype=bool)
+    """
+    return _structured_mask(Block(shape, pool_by), scores, sparsity)
+
+
+def channel_mask(
+    scores: jax.Array, sparsity: jax.typing.ArrayLike, axis: int = -1, pool_by: Pool = "mean"
+) -> jax.Array:
+    """Keep-mask pruning round(sparsity * channels) whole slices along `axis` (see `Channel`).
+
+    Example:
+        >>> channel_mask(jnp.array([[1., 9.], [1., 9.]]), 0.5)
+        Array([[False,  True],
+               [False,  True]], dtype=bool)
+    """
+    return _structured_mask(Channel(axis, pool_by), scores, sparsity)

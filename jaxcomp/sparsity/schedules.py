@@ -1,0 +1,170 @@
+"""Sparsity schedules: optax schedules `step -> sparsity`.
+
+`jaxcomp.sparsity.prune` recomputes the masks on the steps where the scheduled sparsity changes
+(and where dynamic sparse training says so), so a schedule's value also says *when* to prune:
+`polynomial_sparsity(..., frequency=100)` changes every 100 steps between `begin_step` and
+`end_step`, hence the masks are updated every 100 steps. The step before the first is taken to
+have sparsity 0. Any optax schedule works (`optax.join_schedules`, `optax.piecewise_constant_schedule`
+...); these constructors validate their arguments.
+
+Example:
+    >>> schedule = polynomial_sparsity(0.9, begin_step=0, end_step=100, frequency=10)
+    >>> [round(float(schedule(t)), 3) for t in (0, 9, 10, 50, 100, 1000)]
+    [0.0, 0.0, 0.244, 0.787, 0.9, 0.9]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "constant_sparsity",
+    "iterative_sparsity",
+    "one_shot_sparsity",
+    "polynomial_sparsity",
+]
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """`value` as a float, or `ValueError` naming `what` if it is not in [0, 1)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}") from e
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _check_step(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
+def constant_sparsity(sparsity: float) -> optax.Schedule:
+    """The same sparsity at every step (masks computed once, on the first step).
+
+    Raises:
+      ValueError: if `sparsity` is not in [0, 1).
+
+    Example:
+        >>> float(constant_sparsity(0.5)(1000))
+        0.5
+    """
+    sparsity = check_sparsity(sparsity)
+    return lambda step: jnp.full(jnp.shape(step), sparsity, jnp.float32)
+
+
+def one_shot_sparsity(sparsity: float, step: int = 0) -> optax.Schedule:
+    """Dense before `step`, `sparsity` from `step` on: one mask update, at `step`.
+
+    Raises:
+      ValueError: if `sparsity` is not in [0, 1) or `step` is negative.
+
+    Example:
+        >>> schedule = one_shot_sparsity(0.8, step=5)
+        >>> round(float(schedule(4)), 3), round(float(schedule(5)), 3)
+        (0.0, 0.8)
+    """
+    sparsity = check_sparsity(sparsity)
+    at = _check_step(step, "step")
+    return lambda t: jnp.where(jnp.asarray(t) >= at, jnp.float32(sparsity), jnp.float32(0.0))
+
+
+def iterative_sparsity(steps: Sequence[int], sparsities: Sequence[float]) -> optax.Schedule:
+    """Iterative pruning: from `steps[i]` on, sparsity `sparsities[i]` (dense before `steps[0]`).
+
+    Args:
+      steps: strictly increasing, non-negative steps.
+      sparsities: one value in [0, 1) per step.
+
+    Raises:
+      ValueError: if the lengths differ, steps are not strictly increasing and non-negative, or
+        a sparsity is outside [0, 1).
+
+    Example:
+        >>> schedule = iterative_sparsity([0, 100, 200], [0.5, 0.75, 0.875])
+        >>> [float(schedule(t)) for t in (0, 99, 100, 250)]
+        [0.5, 0.5, 0.75, 0.875]
+    """
+    steps = [_check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
+    values = [check_sparsity(v, f"sparsities[{i}]") for i, v in enumerate(sparsities)]
+    if not steps or len(steps) != len(values):
+        raise ValueError(
+            f"iterative_sparsity needs one sparsity per step, got {len(steps)} steps and "
+            f"{len(values)} sparsities"
+        )
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"iterative_sparsity: steps must be strictly increasing, got {steps}")
+    boundaries = jnp.asarray(steps, jnp.int32)
+    table = jnp.asarray([0.0, *values], jnp.float32)
+
+    def schedule(step):
+        index = jnp.sum(jnp.asarray(step)[..., None] >= boundaries, axis=-1)
+        return table[index]
+
+    return schedule
+
+
+def polynomial_sparsity(
+    final_sparsity: float,
+    *,
+    begin_step: int,
+    end_step: int,
+    initial_sparsity: float = 0.0,
+    frequency: int = 1,
+    power: float = 3.0,
+) -> optax.Schedule:
+    """Zhu & Gupta (2017) gradual pruning: s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3.
+
+    The sparsity is 0 before `begin_step`, `initial_sparsity` at `begin_step`, changes every
+    `frequency` steps (the step is rounded down to `begin_step + j * frequency`), reaches
+    `final_sparsity` exactly at `end_step` (even when `end_step - begin_step` is not a multiple
+    of `frequency`) and stays there.
+
+    Args:
+      final_sparsity: sparsity from `end_step` on, in [0, 1).
+      begin_step: first pruning step.
+      end_step: step at which `final_sparsity` is reached; >= `begin_step`.
+      initial_sparsity: sparsity at `begin_step`, in [0, 1).
+      frequency: steps between mask updates, >= 1.
+      power: the exponent (3 in the paper), > 0.
+
+    Returns:
+      An optax schedule.
+
+    Raises:
+      ValueError: for a sparsity outside [0, 1), a negative step, `end_step < begin_step`,
+        `frequency < 1` or `power <= 0`.
+
+    Example:
+        >>> schedule = polynomial_sparsity(0.8, begin_step=10, end_step=20)
+        >>> [round(float(schedule(t)), 3) for t in (0, 10, 15, 20)]
+        [0.0, 0.0, 0.7, 0.8]
+    """
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    initial = check_sparsity(initial_sparsity, "initial_sparsity")
+    begin = _check_step(begin_step, "begin_step")
+    end = _check_step(end_step, "end_step")
+    if end < begin:
+        raise ValueError(f"end_step={end} precedes begin_step={begin}")
+    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        raise ValueError(f"frequency must be a positive int, got {frequency!r}")
+    if not power > 0:
+        raise ValueError(f"power must be positive, got {power!r}")
+    span = max(end - begin, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.int32)
+        on_grid = begin + (jnp.maximum(step - begin, 0) // frequency) * frequency
+        at = jnp.where(step >= end, end, jnp.minimum(on_grid, end))
+        progress = (at - begin).astype(jnp.float32) / span
+        value = final + (initial - final) * (1.0 - progress) ** power
+        value = jnp.where(at >= end, final, value)
+        return jnp.where(step < begin, 0.0, value).astype(jnp.float32)
+
+    return schedule

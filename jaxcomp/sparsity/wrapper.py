@@ -1,0 +1,260 @@
+"""`prune(optimizer, pruner)`: pruning as an optax transformation around any optimizer.
+
+One call site in the train step. The wrapped optimizer's updates already carry the masks:
+they are `where(keep, p + u, 0) - p`, so a single `optax.apply_updates(params, updates)` leaves
+pruned weights at exactly zero. There is no second call to forget.
+
+On the steps where the scheduled sparsity changes (or SET/RigL update the topology) a
+`lax.switch` recomputes the masks; on the other steps it passes them through, so nothing
+recompiles and no Python code branches on traced values. When masks change, the inner
+optimizer's moments of pruned and regrown weights are reset to zero through
+`optax.tree_utils.tree_map_params`, which finds the params-shaped parts of any optax state
+(chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without knowing their classes.
+
+Example:
+    >>> params = {"Dense_0": {"kernel": jnp.array([[1., -4.], [0.5, 2.]]), "bias": jnp.ones(2)}}
+    >>> tx = prune(optax.sgd(0.1), Pruner(sparsity=0.5))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)["Dense_0"]["kernel"]
+    Array([[ 0., -4.],
+           [ 0.,  2.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxcomp.sparsity.dynamic import SET, drop_and_grow
+from jaxcomp.sparsity.pruner import Pruner, _rule_key, all_masks, resolve
+from jaxcomp.tree import assert_same_structure
+
+__all__ = ["PruneState", "masks_of", "prune"]
+
+
+class PruneState(NamedTuple):
+    """State of `prune`; arrays only, so it jits, shards and checkpoints as is.
+
+    Attributes:
+      count: int32, updates done so far: the step the schedules see.
+      masks: the mask tree: bool keep-masks at the pruned leaves (with their params' shape and
+        sharding), `None` elsewhere.
+      inner_state: the wrapped optimizer's state.
+      score_state: one entry per rule: the state of its score (`()` for stateless scores, e.g.
+        the accumulated movement for `Movement()`).
+      key: uint32 key data for random scores and SET, split on every mask update (`None` when
+        no randomness is used).
+    """
+
+    count: jax.Array
+    masks: Any
+    inner_state: optax.OptState
+    score_state: tuple[Any, ...]
+    key: jax.Array | None
+
+
+def _key_data(key: jax.Array | None) -> jax.Array | None:
+    if key is None:
+        return None
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    if key.dtype != jnp.uint32:
+        raise ValueError(f"key must be a jax.random key, got an array of dtype {key.dtype}")
+    return key
+
+
+def _reset_moments(optimizer: Any, inner_state: Any, changed: Any) -> Any:
+    """Zeroes the optimizer-state entries of changed weights in every params-shaped subtree.
+
+    Entries whose shape is not the param's (Adafactor's factored moments) are left as they are.
+    """
+
+    def reset(value, flags):
+        if flags is None or not hasattr(value, "shape") or value.shape != flags.shape:
+            return value
+        return jnp.where(flags, jnp.zeros((), value.dtype), value)
+
+    return optax.tree_utils.tree_map_params(
+        optimizer, reset, inner_state, changed,
+        is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
+    )
+
+
+def prune(
+    optimizer: optax.GradientTransformation,
+    pruner: Pruner,
+    *,
+    key: jax.Array | None = None,
+    straight_through: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps `optimizer` so that its updates prune the params on `pruner`'s schedule.
+
+    `update(grads, state, params, **extra_args)` needs `params`; extra arguments are passed to
+    the inner optimizer. Scores with state (movement, Taylor) accumulate on every step.
+
+    Args:
+      optimizer: any optax transformation.
+      pruner: what, how much, how and when to prune.
+      key: a `jax.random` key, needed for `Random()` scores and `SET`.
+      straight_through: recompute the masks on schedule but leave the weights dense and the
+        inner updates unmasked; use `pruned_forward(params, masks_of(state))` in the loss.
+        Masks are then not nested: a pruned weight can come back.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state is a `PruneState`.
+
+    Raises:
+      ValueError: at construction, for a missing key, an optimizer that is not an optax
+        transformation, or dynamic sparse training with `straight_through`; at `init`/`update`,
+        for settings that do not fit the params (naming path and value) or a missing `params`.
+
+    Example:
+        >>> tx = prune(optax.adam(1e-3), Pruner(sparsity=polynomial_sparsity(
+        ...     0.9, begin_step=0, end_step=1000, frequency=100)))
+    """
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"prune expects an optax GradientTransformation, got {optimizer!r}")
+    if not isinstance(pruner, Pruner):
+        raise ValueError(f"prune expects a jaxcomp.sparsity.Pruner, got {pruner!r}")
+    if pruner.needs_key and key is None:
+        raise ValueError("this pruner uses randomness (Random scores or SET): pass key=")
+    if straight_through and pruner.dynamic is not None:
+        raise ValueError("dynamic sparse training cannot run with straight_through=True")
+    key_data = _key_data(key)
+    dynamic = pruner.dynamic
+
+    def init_fn(params: optax.Params) -> PruneState:
+        groups, treedef, num_leaves = resolve(params, pruner)
+        leaves = treedef.flatten_up_to(params)
+        masks: list[Any] = [None] * num_leaves
+        for group in groups:
+            for i in group.positions:
+                masks[i] = jnp.ones_like(leaves[i], dtype=bool)
+        score_state = tuple(group.score.init(group.subtree(treedef, leaves)) for group in groups)
+        return PruneState(
+            count=jnp.zeros((), jnp.int32),
+            masks=jax.tree.unflatten(treedef, masks),
+            inner_state=optimizer.init(params),
+            score_state=score_state,
+            key=key_data,
+        )
+
+    def update_fn(updates, state: PruneState, params=None, **extra_args):
+        if params is None:
+            raise ValueError("prune(...).update needs params: call update(grads, state, params)")
+        groups, treedef, num_leaves = resolve(params, pruner)
+        assert_same_structure(params, updates, what="the gradients")
+        p_leaves = treedef.flatten_up_to(params)
+        g_leaves = treedef.flatten_up_to(updates)
+        count = state.count
+        score_state = tuple(
+            group.score.accumulate(st, group.subtree(treedef, p_leaves),
+                                   group.subtree(treedef, g_leaves))
+            for group, st in zip(groups, state.score_state)
+        )
+        selected = [i for group in groups for i in group.positions]
+        old_masks = treedef.flatten_up_to(state.masks)
+
+        changed = jnp.zeros((), bool)
+        for group in groups:
+            now = group.targets(count)
+            before = jnp.where(count > 0, group.targets(count - 1), 0.0)
+            changed = changed | jnp.any(now != before)
+        branch = jnp.where(changed, 1, 0)
+        if dynamic is not None:
+            branch = jnp.where(changed, 1, jnp.where(dynamic.is_update_step(count), 2, 0))
+
+        def split_key(key):
+            if key is None:
+                return None, None
+            next_key, use = jax.random.split(jax.random.wrap_key_data(key))
+            return jax.random.key_data(next_key), use
+
+        # Only masks and the key go through the switch; params and gradients are read inside.
+        # Masks are scored on the params this step starts from (its gradients were taken there).
+        def recompute(operands):
+            masks, key = operands
+            key, use = split_key(key)
+            previous = None if straight_through else masks
+            new = list(masks)
+            keys = [_rule_key(use, group.index) for group in groups]
+            for group, kept in zip(groups, all_masks(groups, treedef, p_leaves, g_leaves,
+                                                     score_state, keys, count, previous)):
+                for i, mask in zip(group.positions, kept):
+                    new[i] = mask
+            return new, key
+
+        def drop_grow(operands):
+            masks, key = operands
+            key, use = split_key(key)
+            grown = drop_and_grow(
+                [p_leaves[i] for i in selected], [g_leaves[i] for i in selected],
+                [masks[i] for i in selected], dynamic.fraction(count),
+                key=use if isinstance(dynamic, SET) else None,
+            )
+            new = list(masks)
+            for i, mask in zip(selected, grown):
+                new[i] = mask
+            return new, key
+
+        branches = [lambda operands: operands, recompute]
+        branches += [drop_grow] if dynamic is not None else []
+        new_masks, key = lax.switch(branch, branches, (old_masks, state.key))
+
+        inner_state = state.inner_state
+        if not straight_through:
+            # Pruned and regrown weights start from fresh moments. Off the mask-update steps the
+            # flags are all False; the select fuses into the optimizer's own pass over them.
+            flags = [None] * num_leaves
+            for i in selected:
+                flags[i] = new_masks[i] != old_masks[i]
+            inner_state = _reset_moments(optimizer, inner_state,
+                                         jax.tree.unflatten(treedef, flags))
+        inner_updates, inner_state = optimizer.update(updates, inner_state, params, **extra_args)
+        out = treedef.flatten_up_to(inner_updates)
+        if not straight_through:
+            for i in selected:
+                p = p_leaves[i]
+                dense = p + out[i]
+                # Pruned and regrown weights (where the masks differ) both end at exactly zero.
+                keep = new_masks[i] & old_masks[i]
+                out[i] = (jnp.where(keep, dense, jnp.zeros((), dense.dtype)) - p).astype(p.dtype)
+        new_state = PruneState(
+            count=count + 1,
+            masks=jax.tree.unflatten(treedef, new_masks),
+            inner_state=inner_state,
+            score_state=score_state,
+            key=key,
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def masks_of(opt_state: Any) -> Any:
+    """The mask tree held by the one `PruneState` inside `opt_state` (searched recursively).
+
+    Raises:
+      ValueError: if `opt_state` holds no `PruneState`, or more than one.
+
+    Example:
+        >>> params = {"kernel": jnp.array([1., -3.])}
+        >>> state = prune(optax.sgd(0.1), Pruner(sparsity=0.5)).init(params)
+        >>> masks_of(state)["kernel"]
+        Array([ True,  True], dtype=bool)
+    """
+    found = [
+        leaf for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+        if isinstance(leaf, PruneState)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one PruneState in the optimizer state, found "
+                         f"{len(found)}")
+    return found[0].masks

@@ -1,0 +1,169 @@
+"""Pruner configuration, per-layer rules, one-shot pruning and scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcomp.sparsity as sp
+
+
+def _params():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {
+        "Dense_0": {"kernel": jax.random.normal(keys[0], (64, 32)), "bias": jnp.ones(32)},
+        "Dense_1": {"kernel": jax.random.normal(keys[1], (32, 16)), "bias": jnp.ones(16)},
+        "Conv_0": {"kernel": jax.random.normal(keys[2], (3, 3, 8, 16))},
+    }
+
+
+def _grads():
+    return jax.tree.map(lambda p: jnp.cos(p * 3.0), _params())
+
+
+def _zeros(tree, path):
+    a, b = path.split("/")
+    return float((np.asarray(tree[a][b]) == 0).mean())
+
+
+def test_prune_now_prunes_every_kernel_uniformly_by_magnitude():
+    """Default pruner: each kernel loses exactly its lowest-|w| fraction; biases stay."""
+    params = _params()
+    pruned, masks = sp.prune_now(params, sp.Pruner(sparsity=0.75))
+    for path in ("Dense_0/kernel", "Dense_1/kernel", "Conv_0/kernel"):
+        assert _zeros(pruned, path) == 0.75
+    assert masks["Dense_0"]["bias"] is None
+    kernel, mask = np.asarray(params["Dense_0"]["kernel"]), np.asarray(masks["Dense_0"]["kernel"])
+    assert np.abs(kernel[mask]).min() >= np.abs(kernel[~mask]).max()
+
+
+def test_rules_give_each_layer_its_own_granularity_score_and_sparsity():
+    """where= rules: N:M on the conv, channels on Dense_1, 50% on Dense_0, first match wins."""
+    pruner = sp.Pruner(
+        sparsity=0.75,
+        rules=[
+            sp.Rule(where="Conv_0/.*", granularity=sp.NM(n=2, m=4)),
+            sp.Rule(where="Dense_1/.*", granularity=sp.Channel(axis=-1), sparsity=0.25),
+            sp.Rule(where="Dense_.*", sparsity=0.5, score=sp.Saliency()),
+        ],
+    )
+    pruned, masks = sp.prune_now(_params(), pruner, grads=_grads())
+    conv = np.asarray(masks["Conv_0"]["kernel"]).reshape(3, 3, 2, 4, 16)
+    assert np.all(conv.sum(axis=3) == 2)
+    dense1 = np.asarray(masks["Dense_1"]["kernel"])
+    assert np.all(dense1.all(axis=0) | ~dense1.any(axis=0)) and (~dense1.any(axis=0)).sum() == 4
+    assert _zeros(pruned, "Dense_0/kernel") == 0.5
+    saliency = np.abs(np.asarray(_params()["Dense_0"]["kernel"] * _grads()["Dense_0"]["kernel"]))
+    mask0 = np.asarray(masks["Dense_0"]["kernel"])
+    assert saliency[mask0].min() >= saliency[~mask0].max()
+
+
+def test_global_threshold_distribution_uses_one_cut_for_all_leaves():
+    """GlobalThreshold: total sparsity exact, per-leaf sparsities follow the shared cut."""
+    params = _params()
+    params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"] * 10.0
+    pruner = sp.Pruner(sparsity=0.6, distribution=sp.GlobalThreshold())
+    pruned, masks = sp.prune_now(params, pruner)
+    stats = sp.sparsity_of(masks)
+    assert int(stats.zeros) == round(0.6 * stats.size)
+    assert float(stats.per_leaf["Dense_1/kernel"]) < 0.3 < float(stats.per_leaf["Dense_0/kernel"])
+
+
+def test_erk_and_per_path_distributions():
+    """ERK gives the larger layer more sparsity; PerPath sets each leaf's own target."""
+    _, masks = sp.prune_now(_params(), sp.Pruner(sparsity=0.8, distribution=sp.ERK()))
+    stats = sp.sparsity_of(masks)
+    assert float(stats.per_leaf["Dense_0/kernel"]) > float(stats.per_leaf["Dense_1/kernel"])
+    assert abs(float(stats.total) - 0.8) < 0.01
+    targets = {"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.25, "Conv_0/kernel": 0.0}
+    _, masks = sp.prune_now(_params(), sp.Pruner(sparsity=0.9, distribution=sp.PerPath(targets)))
+    for path, target in targets.items():
+        assert float(sp.sparsity_of(masks).per_leaf[path]) == target
+
+
+def test_block_granularity_and_global_threshold_count_weights():
+    """Global threshold over 4x4 blocks prunes whole blocks to about the weight target."""
+    pruner = sp.Pruner(sparsity=0.5, where="Dense_.*/kernel", granularity=sp.Block((4, 4)),
+                       distribution=sp.GlobalThreshold())
+    _, masks = sp.prune_now(_params(), pruner)
+    stats = sp.sparsity_of(masks)
+    assert 0.5 <= float(stats.total) < 0.5 + 16 / stats.size
+    tiles = np.asarray(masks["Dense_0"]["kernel"]).reshape(16, 4, 8, 4)
+    assert np.all(tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3)))
+
+
+def test_random_score_uses_the_explicit_key():
+    """Random scores: same key, same mask; another key, another mask."""
+    pruner = sp.Pruner(sparsity=0.5, score=sp.Random(), where="Dense_1/kernel")
+    a = sp.compute_masks(_params(), pruner, key=jax.random.key(1))
+    b = sp.compute_masks(_params(), pruner, key=jax.random.key(1))
+    c = sp.compute_masks(_params(), pruner, key=jax.random.key(2))
+    np.testing.assert_array_equal(a["Dense_1"]["kernel"], b["Dense_1"]["kernel"])
+    assert np.any(np.asarray(a["Dense_1"]["kernel"]) != np.asarray(c["Dense_1"]["kernel"]))
+
+
+def test_movement_taylor_and_user_scores():
+    """Movement keeps -w*g largest; Taylor (w*g)^2; a user function ranks by its own score."""
+    params, grads = _params(), _grads()
+    w, g = np.asarray(params["Dense_1"]["kernel"]), np.asarray(grads["Dense_1"]["kernel"])
+    for score, expected in [
+        (sp.Movement(), -w * g),
+        (sp.Taylor(decay=0.0), (w * g) ** 2),
+        (lambda p, gr, s: jax.tree.map(lambda x: -jnp.abs(x), p), -np.abs(w)),
+    ]:
+        pruner = sp.Pruner(sparsity=0.5, score=score, where="Dense_1/kernel")
+        mask = np.asarray(sp.compute_masks(params, pruner, grads=grads)["Dense_1"]["kernel"])
+        assert expected[mask].min() >= expected[~mask].max()
+
+
+def test_schedule_needs_a_step_for_one_shot_use():
+    """prune_now evaluates a schedule at step=; without it, ValueError."""
+    pruner = sp.Pruner(sparsity=sp.polynomial_sparsity(0.5, begin_step=0, end_step=10))
+    with pytest.raises(ValueError, match="step"):
+        sp.prune_now(_params(), pruner)
+    pruned, _ = sp.prune_now(_params(), pruner, step=10)
+    assert _zeros(pruned, "Dense_1/kernel") == 0.5
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: sp.Pruner(sparsity=1.5), "sparsity"),
+        (lambda: sp.Pruner(sparsity=0.5, granularity="nm_2,4"), "Granularity"),
+        (lambda: sp.Pruner(sparsity=0.5, granularity=sp.NM(), distribution=sp.ERK()), "N:M"),
+        (lambda: sp.Pruner(sparsity=0.5, granularity=sp.Block((2, 2)), dynamic=sp.RigL(
+            end_step=10)), "dynamic"),
+        (lambda: sp.Rule(where="x", sparsity=-0.5), "sparsity"),
+        (lambda: sp.PerPath({"a": 1.0}), "a"),
+        (lambda: sp.Taylor(decay=1.0), "decay"),
+        (lambda: sp.RigL(update_every=0, end_step=10), "update_every"),
+        (lambda: sp.SET(drop_fraction=1.0, end_step=10), "drop_fraction"),
+    ],
+)
+def test_bad_configuration_raises_at_construction(make, message):
+    """Typed, validated configuration: bad values raise ValueError when built."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "pruner, message",
+    [
+        (sp.Pruner(sparsity=0.5, where="nothing"), "selects no leaf"),
+        (sp.Pruner(sparsity=0.5, rules=[sp.Rule(where="Dense_9/.*", sparsity=0.1)]), "rule 0"),
+        (sp.Pruner(sparsity=0.5, granularity=sp.Block((128, 1))), "exceeds"),
+        (sp.Pruner(sparsity=0.5, where=".*bias", granularity=sp.NM()), "Dense_0/bias"),
+        (sp.Pruner(sparsity=0.5, distribution=sp.PerPath({"Dense_0/kernel": 0.5})), "unlisted"),
+        (sp.Pruner(sparsity=lambda step: 1.5), "1.5"),
+    ],
+)
+def test_settings_that_do_not_fit_the_params_name_the_path(pruner, message):
+    """A where= matching nothing, blocks larger than a leaf, bad schedules: ValueError."""
+    with pytest.raises(ValueError, match=message):
+        sp.compute_masks(_params(), pruner)
+
+
+def test_gradient_scores_without_grads_raise():
+    """Saliency without grads is an error, not a silent magnitude fallback."""
+    with pytest.raises(ValueError, match="grads"):
+        sp.prune_now(_params(), sp.Pruner(sparsity=0.5, score=sp.Saliency()))

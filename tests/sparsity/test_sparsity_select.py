@@ -1,0 +1,160 @@
+"""Exact selection by counting: masks, granularities and distributions."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxcomp.sparsity as sp
+from jaxcomp.sparsity._select import lowest_k
+
+# lowest_k is jitted inside: calling it directly reuses one compiled search per leaf shapes.
+def _lowest_one(x, k):
+    return lowest_k([x], k[None])[0]
+
+
+def _lowest_group(xs, k):
+    return lowest_k(xs, k[None], groups=[0] * len(xs))
+
+_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from([0.0, -0.0, 1.0, 2.0, np.inf, -np.inf, np.nan]),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(np.float32, (48,), elements=_values), st.integers(0, 48))
+def test_lowest_k_marks_exactly_k_lowest(x, k):
+    """Exactly k elements are marked, none scoring above an unmarked one (NaN is lowest)."""
+    marked = np.asarray(_lowest_one(jnp.asarray(x), jnp.int32(k)))
+    assert marked.sum() == k
+    ordered = np.where(np.isnan(x), -np.inf, x)
+    if 0 < k < x.size:
+        assert ordered[marked].max() <= ordered[~marked].min()
+
+
+def test_lowest_k_breaks_ties_by_position():
+    """Among equal scores the earlier positions are marked first."""
+    marked = _lowest_one(jnp.zeros(48), jnp.int32(5))
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(marked)), np.arange(5))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 60))
+def test_lowest_k_across_a_group_of_leaves(seed, k):
+    """A shared group is cut at the global k-th score across differently shaped leaves."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=s).astype(np.float32) for s in [(4, 5), (7,), (3, 1, 11)]]
+    marked = _lowest_group([jnp.asarray(x) for x in xs], jnp.int32(k))
+    assert sum(int(m.sum()) for m in marked) == k
+    flat = np.concatenate([x.ravel() for x in xs])
+    threshold = np.sort(flat)[k - 1] if k else -np.inf
+    for x, m in zip(xs, marked):
+        assert np.all(x[np.asarray(m)] <= threshold)
+
+
+def test_unstructured_mask_traced_sparsity_is_exact():
+    """Under jit with a traced sparsity the mask prunes round(s * n) weights."""
+    scores = jax.random.normal(jax.random.key(0), (48,))
+    f = jax.jit(sp.unstructured_mask)
+    for s in (0.0, 0.25, 0.5, 0.9):
+        assert int((~f(scores, s)).sum()) == round(s * scores.size)
+        assert int((~sp.unstructured_mask(scores, s)).sum()) == round(s * scores.size)
+
+
+def test_global_threshold_matches_sorted_threshold():
+    """The global threshold keeps the same weights as sorting all scores would."""
+    rng = np.random.default_rng(1)
+    scores = {"a": rng.normal(size=(4, 5)), "b": rng.normal(size=(7,)),
+              "c": rng.normal(size=(3, 1, 11)), "d": None}
+    scores = jax.tree.map(lambda x: jnp.asarray(np.abs(x), jnp.float32), scores)
+    masks = sp.global_threshold_masks(scores, 0.7)
+    flat = np.concatenate([np.asarray(scores[n]).ravel() for n in "abc"])
+    cut = np.sort(flat)[round(0.7 * flat.size) - 1]
+    for name in "abc":
+        np.testing.assert_array_equal(np.asarray(masks[name]), np.asarray(scores[name]) > cut)
+    assert masks["d"] is None
+
+
+@pytest.mark.parametrize("length", [8, 10, 7])
+def test_nm_keeps_n_of_every_m_with_a_short_last_group(length):
+    """2:4 keeps 2 per full group; a last group of r < 4 keeps min(2, r), the top scores."""
+    scores = jax.random.normal(jax.random.key(length), (length, 3))
+    keep = np.asarray(sp.nm_mask(scores, 2, 4, axis=0))
+    for start in range(0, length, 4):
+        group = keep[start:start + 4]
+        assert np.all(group.sum(axis=0) == min(2, group.shape[0]))
+        values = np.asarray(scores)[start:start + 4]
+        for col in range(3):
+            kept, dropped = values[group[:, col], col], values[~group[:, col], col]
+            if dropped.size:
+                assert kept.min() >= dropped.max()
+
+
+def test_block_mask_prunes_whole_blocks_including_edges():
+    """Blocks are kept or pruned whole; clipped edge blocks pool only what they hold."""
+    scores = jnp.arange(35.0).reshape(5, 7)
+    keep = np.asarray(sp.block_mask(scores, 0.5, (2, 3)))
+    blocks = [keep[r:r + 2, c:c + 3] for r in range(0, 5, 2) for c in range(0, 7, 3)]
+    assert all(b.all() or not b.any() for b in blocks)
+    assert sum(not b.any() for b in blocks) == round(0.5 * len(blocks))
+    assert not keep[0, 0] and keep[4, 6]
+
+
+def test_block_max_pooling_keeps_blocks_with_one_large_score():
+    """Max pooling scores a block by its largest weight."""
+    scores = jnp.zeros((6, 9)).at[0, 0].set(10.0).at[2, 3].set(1.0)
+    keep = np.asarray(sp.block_mask(scores, 4 / 9, (2, 3), pool_by="max"))
+    assert keep[:2, :3].all() and keep[2:4, 3:6].all() and not keep[:2, 3:].any()
+
+
+def test_channel_mask_prunes_whole_columns_and_rows():
+    """Channel masks prune whole slices along the chosen axis."""
+    scores = jnp.array([[1.0, 5.0, 2.0], [1.0, 5.0, 2.0]])
+    np.testing.assert_array_equal(np.asarray(sp.channel_mask(scores, 0.34)),
+                                  [[False, True, True]] * 2)
+    rows = np.asarray(sp.channel_mask(scores.T, 0.34, axis=0))
+    np.testing.assert_array_equal(rows[:, 0], [False, True, True])
+
+
+def test_erk_gives_denser_small_layers_and_matches_total():
+    """ERK: smaller/thinner layers are denser and the size-weighted sparsity is the target."""
+    shapes = {"big": (256, 256), "thin": (256, 10), "tiny": (3, 3, 1, 4)}
+    out = sp.erk_sparsities(shapes, 0.9)
+    sizes = {p: np.prod(s) for p, s in shapes.items()}
+    total = sum(out[p] * sizes[p] for p in shapes) / sum(sizes.values())
+    assert abs(total - 0.9) < 1e-4
+    assert out["big"] > out["thin"] > out["tiny"]
+    assert out["tiny"] >= 0.0
+
+
+def test_erk_makes_layers_dense_when_needed():
+    """A layer whose ERK density would exceed 1 is dense and the rest absorb the budget."""
+    out = sp.erk_sparsities({"big": (1000, 1000), "small": (2, 2)}, 0.5)
+    assert out["small"] == 0.0
+    assert abs(out["big"] - (0.5 * 1_000_004) / 1_000_000) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: sp.unstructured_mask(jnp.ones(4), 1.0),
+        lambda: sp.unstructured_mask(jnp.ones(4), -0.1),
+        lambda: sp.global_threshold_masks({"a": jnp.ones(3)}, 1.5),
+        lambda: sp.NM(n=5, m=4),
+        lambda: sp.NM(n=0, m=4),
+        lambda: sp.block_mask(jnp.ones((3, 3)), 0.5, (4, 1)),
+        lambda: sp.Block((0, 2)),
+        lambda: sp.Channel(pool_by="median"),
+        lambda: sp.nm_mask(jnp.ones((4,)), 2, 4, axis=-2),
+        lambda: sp.erk_sparsities({"a": (2, 2)}, 1.0),
+        lambda: sp.ERK(power=-1.0),
+    ],
+)
+def test_bad_selection_arguments_raise_value_error(call):
+    """Sparsity outside [0, 1), N > M, oversized blocks, bad axes raise ValueError."""
+    with pytest.raises(ValueError):
+        call()

@@ -1,0 +1,211 @@
+"""The optax wrapper: one call site, exact zeros, schedules, any optimizer, checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxcomp.sparsity as sp
+
+_X = jax.random.normal(jax.random.key(1), (16, 6))
+_Y = jax.random.normal(jax.random.key(2), (16, 4))
+
+
+def _params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "a": {"kernel": jax.random.normal(k1, (6, 8)), "bias": jnp.zeros(8)},
+        "b": {"kernel": jax.random.normal(k2, (8, 4))},
+    }
+
+
+def _loss(params):
+    hidden = jnp.tanh(_X @ params["a"]["kernel"] + params["a"]["bias"])
+    return jnp.mean((hidden @ params["b"]["kernel"] - _Y) ** 2)
+
+
+def _trainer(tx):
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(_loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+_SCHEDULE = sp.polynomial_sparsity(0.75, begin_step=0, end_step=8, frequency=2)
+_TX = sp.prune(optax.adam(0.05), sp.Pruner(sparsity=_SCHEDULE))
+_STEP = _trainer(_TX)
+
+
+def _run(steps, params=None, state=None):
+    params = _params() if params is None else params
+    state = _TX.init(params) if state is None else state
+    history = []
+    for _ in range(steps):
+        params, state = _STEP(params, state)
+        history.append((params, state))
+    return history
+
+
+_HISTORY = _run(12)
+
+
+def test_one_apply_updates_leaves_pruned_weights_at_exactly_zero():
+    """After every step, weights whose mask is False are exactly 0 and the rest nonzero."""
+    for params, state in _HISTORY:
+        for path in ("a", "b"):
+            mask = np.asarray(state.masks[path]["kernel"])
+            kernel = np.asarray(params[path]["kernel"])
+            assert np.all(kernel[~mask] == 0.0)
+            assert np.all(kernel[mask] != 0.0)
+        assert state.masks["a"]["bias"] is None
+
+
+def test_sparsity_follows_the_schedule_exactly():
+    """Each kernel has exactly round(s_t * n) zeros at every step t."""
+    for t, (params, _) in enumerate(_HISTORY):
+        target = float(_SCHEDULE(t))
+        for path in ("a", "b"):
+            zeros = int((np.asarray(params[path]["kernel"]) == 0).sum())
+            assert zeros == round(target * params[path]["kernel"].size)
+
+
+def test_masks_change_only_where_the_schedule_changes_and_are_nested():
+    """Masks change only at steps where s_t != s_(t-1), and only ever shrink."""
+    previous = jax.tree.map(lambda m: np.ones(m.shape, bool), _HISTORY[0][1].masks)
+    for t, (_, state) in enumerate(_HISTORY):
+        changed = float(_SCHEDULE(t)) != (float(_SCHEDULE(t - 1)) if t else 0.0)
+        for path in ("a", "b"):
+            now = np.asarray(state.masks[path]["kernel"])
+            before = previous[path]["kernel"]
+            if not changed:
+                np.testing.assert_array_equal(now, before)
+            assert not np.any(now & ~before)
+        previous = jax.tree.map(np.asarray, state.masks)
+
+
+def test_update_steps_do_not_recompile():
+    """The jitted step compiles once: mask updates happen under lax.switch."""
+    assert _STEP._cache_size() == 1
+
+
+def test_moments_of_pruned_weights_are_reset():
+    """On a pruning step, Adam's first moment of newly pruned weights is (1 - b1) * g."""
+    before_params, before_state = _HISTORY[1]
+    after_params, after_state = _HISTORY[2]
+    grads = jax.grad(_loss)(before_params)
+    pruned = np.asarray(before_state.masks["a"]["kernel"]) & ~np.asarray(
+        after_state.masks["a"]["kernel"])
+    assert pruned.any()
+    mu = np.asarray(after_state.inner_state[0].mu["a"]["kernel"])
+    np.testing.assert_allclose(mu[pruned], 0.1 * np.asarray(grads["a"]["kernel"])[pruned],
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_orbax_checkpoint_mid_schedule_resumes_bit_identically(tmp_path):
+    """Save params and PruneState mid-schedule, restore, continue: identical to no interruption."""
+    params, state = _HISTORY[4]
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
+    restored = checkpointer.restore(tmp_path / "ckpt", target)
+    resumed = _run(7, restored["params"], restored["opt_state"])
+    final_params, final_state = resumed[-1]
+    expected_params, expected_state = _HISTORY[-1]
+    jax.tree.map(np.testing.assert_array_equal, final_params, expected_params)
+    jax.tree.map(np.testing.assert_array_equal, final_state.masks, expected_state.masks)
+    jax.tree.map(np.testing.assert_array_equal, final_state.inner_state,
+                 expected_state.inner_state)
+
+
+_MASK_TREE = {"a": {"kernel": True, "bias": False}, "b": {"kernel": True}}
+_OPTIMIZERS = {
+    "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05)),
+    "multisteps": optax.MultiSteps(optax.adam(0.05), every_k_schedule=2),
+    "inject_hyperparams": optax.inject_hyperparams(optax.adam)(learning_rate=0.05),
+    "lion": optax.lion(0.01),
+    "adafactor": optax.adafactor(0.05, min_dim_size_to_factor=4),
+    "masked": optax.masked(optax.adam(0.05), _MASK_TREE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTIMIZERS))
+def test_any_optax_optimizer_keeps_zeros_and_resets_changed_moments(name):
+    """Every optimizer: pruned weights exactly zero; state of changed weights was reset."""
+    inner = _OPTIMIZERS[name]
+    pruner = sp.Pruner(sparsity=sp.one_shot_sparsity(0.5, step=2), granularity=sp.NM(n=2, m=4, axis=-1))
+    tx = sp.prune(inner, pruner)
+    step = _trainer(tx)
+    params, state = _params(), tx.init(_params())
+    for _ in range(2):
+        params, state = step(params, state)
+    grads = jax.grad(_loss)(params)
+    before = state
+    params, state = step(params, state)
+    changed = jax.tree.map(lambda a, b: a != b, state.masks, before.masks)
+    for path in ("a", "b"):
+        kernel = np.asarray(params[path]["kernel"])
+        mask = np.asarray(state.masks[path]["kernel"])
+        assert mask.mean() == 0.5 and np.all(kernel[~mask] == 0.0)
+    # The inner optimizer must have stepped from a state with the changed entries zeroed.
+    zeroed = optax.tree_utils.tree_map_params(
+        inner,
+        lambda s, c: s if c is None or s.shape != c.shape else jnp.where(c, 0, s),
+        before.inner_state, changed,
+        is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
+    )
+    _, expected = inner.update(grads, zeroed, params=jax.tree.map(lambda p: p, params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state.inner_state, expected)
+
+
+def test_multisteps_wrapping_prune_counts_real_steps():
+    """optax.MultiSteps(prune(...)) prunes on the schedule of its real (outer) steps."""
+    tx = optax.MultiSteps(sp.prune(optax.sgd(0.05), sp.Pruner(sparsity=0.5,
+                                                               granularity=sp.NM(n=2, m=4, axis=-1))), 2)
+    step = _trainer(tx)
+    params, state = _params(), tx.init(_params())
+    params, state = step(params, state)
+    assert np.all(np.asarray(params["a"]["kernel"]) != 0)
+    params, state = step(params, state)
+    assert float((np.asarray(params["a"]["kernel"]) == 0).mean()) == 0.5
+
+
+def test_straight_through_mode_keeps_weights_dense_and_tracks_masks():
+    """straight_through=True leaves weights dense; masks_of gives the scheduled masks."""
+    tx = sp.prune(optax.sgd(0.05), sp.Pruner(sparsity=0.5, granularity=sp.NM(n=2, m=4, axis=-1)),
+                  straight_through=True)
+    step = _trainer(tx)
+    params, state = step(_params(), tx.init(_params()))
+    masks = sp.masks_of(state)
+    assert float(np.asarray(masks["a"]["kernel"]).mean()) == 0.5
+    assert np.all(np.asarray(params["a"]["kernel"]) != 0)
+    forward = sp.pruned_forward(params, masks)
+    assert float((np.asarray(forward["a"]["kernel"]) == 0).mean()) == 0.5
+
+
+def test_update_without_params_raises():
+    """update() needs params to compute mask * (p + u) - p."""
+    state = _TX.init(_params())
+    with pytest.raises(ValueError, match="needs params"):
+        _TX.update(_params(), state)
+
+
+def test_random_score_needs_a_key():
+    """A pruner with random scores refuses to be built without an explicit key."""
+    with pytest.raises(ValueError, match="key"):
+        sp.prune(optax.sgd(0.1), sp.Pruner(sparsity=0.5, score=sp.Random()))
+
+
+def test_masks_of_finds_the_prune_state_in_a_chain():
+    """masks_of looks into any optimizer state for the single PruneState."""
+    tx = optax.chain(optax.clip(1.0), sp.prune(optax.sgd(0.1), sp.Pruner(sparsity=0.5)))
+    masks = sp.masks_of(tx.init(_params()))
+    assert masks["a"]["kernel"].dtype == jnp.bool_ and masks["a"]["bias"] is None
+    with pytest.raises(ValueError):
+        sp.masks_of(optax.sgd(0.1).init(_params()))
