@@ -4,30 +4,44 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from jaxcomp.cli import main, run_demo
 
 
-def test_run_demo_returns_the_figures():
-    lines = []
-    figures = run_demo(epochs=2, log=lines.append)
-    assert 0.5 < figures["accuracy"] <= 1.0
-    assert figures["params_bytes"] == figures["dense_bytes"] == 4 * figures["params"]
-    assert any(line.startswith("epoch   1/2") for line in lines)
-    assert any("total" in line for line in lines)
-
-
-def test_bad_arguments_exit_with_status_2(capsys):
-    assert main(["demo", "--epochs", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
-
-
-def test_python_dash_m_demo_ends_with_a_json_line():
+def test_demo_trains_prunes_quantizes_and_ends_with_a_json_line_of_real_figures():
+    """`python -m jaxcomp demo` runs its three stages; the stored size is the int8 size."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxcomp", "demo", "--epochs", "3", "--json"],
+        [sys.executable, "-m", "jaxcomp", "demo", "--epochs", "2", "--prune-epochs", "2",
+         "--sparsity", "0.5", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
-    assert {"accuracy", "params_bytes", "params"} <= set(figures)
+    assert 0.5 < figures["accuracy"] <= 1.0
+    assert 0.5 < figures["accuracy_dense"] <= 1.0
+    assert figures["dense_bytes"] == 4 * figures["params"]
+    # int8 kernels plus float32 scales and biases: between 3x and 4x smaller than float32.
+    assert 3.0 < figures["compression_ratio"] < 4.0
+    assert figures["params_bytes"] * figures["compression_ratio"] == pytest.approx(
+        figures["dense_bytes"])
+    assert 0.45 < figures["sparsity"] < 0.5  # kernels at 50%, biases dense
+    assert any(line.startswith("epoch   1/2") for line in lines)
+    assert any(line.startswith("  prune epoch   2/2") for line in lines)
     assert any(line.startswith("path") for line in lines)  # the report table
+    assert any("QArray" in line for line in lines)
+
+
+def test_run_demo_rejects_bad_settings():
+    with pytest.raises(ValueError, match="sparsity"):
+        run_demo(sparsity=1.0, log=None)
+    with pytest.raises(ValueError, match="bits"):
+        run_demo(bits=1, log=None)
+
+
+def test_bad_arguments_exit_with_status_2(capsys):
+    assert main(["demo", "--epochs", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    assert main(["demo", "--sparsity", "1.5"]) == 2
+    assert "--sparsity" in capsys.readouterr().err
