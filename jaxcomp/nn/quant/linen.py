@@ -264,6 +264,7 @@ def serve_linen(
         a layer is missing from `act_params`.
 
     Example:
+        >>> from jaxcomp.quant import QuantSpec, quantize_tree
         >>> model = nn.Dense(3)
         >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
         >>> qparams = quantize_tree(variables["params"], QuantSpec(channel_axes=(-1,)), where=r".*kernel")

@@ -327,6 +327,7 @@ def serve_nnx(
       ValueError: if `qstate` holds no `QArray` kernel of a served layer.
 
     Example:
+        >>> from jaxcomp.quant import QuantSpec, quantize_tree
         >>> model = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
         >>> q = quantize_tree(nnx.state(model, nnx.Param), QuantSpec(channel_axes=(-1,)), where=r".*kernel")
         >>> serve_nnx(model, q)(jnp.ones((2, 4))).shape
