@@ -34,12 +34,26 @@ _MAX_STEPS = 128
 _SAMPLE = 512
 _MIN_SAMPLE = 64
 _SIGN = np.uint32(0x80000000)
+# Scores below this magnitude tie with zero: differences of larger floats are never subnormal.
+TINY = float(2.0**-98)
 
 
 def sanitize(scores: jax.Array) -> jax.Array:
-    """float32 scores with NaN as the lowest finite value and infinities clipped to finite."""
+    """Finite float32 scores in the same order: NaN and -inf lowest, +inf highest.
+
+    Finite values are halved (exact, order-preserving) so that the infinities can map to the
+    finite extremes and still sort strictly beyond every finite score. Scores of magnitude below
+    `TINY` count as zero: the count `t - x` must never be a subnormal, which XLA's CPU backend
+    flushes to zero, so tiny scores tie with 0 (and are pruned by position among the zeros).
+    """
     scores = scores.astype(jnp.float32)
-    return jnp.nan_to_num(scores, nan=-_FMAX, posinf=_FMAX, neginf=-_FMAX)
+    half = scores * 0.5
+    half = jnp.where(jnp.abs(half) < TINY / 2, jnp.zeros((), jnp.float32), half)
+    return jnp.where(
+        jnp.isnan(scores) | (scores == -jnp.inf),
+        -_FMAX,
+        jnp.where(scores == jnp.inf, _FMAX, half),
+    )
 
 
 def to_key(x: jax.Array) -> jax.Array:
