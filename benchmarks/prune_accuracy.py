@@ -1,8 +1,8 @@
 """Eval accuracy of pruned models against their dense twins, on the MNIST split.
 
-Every run trains from the same initialisation, with the same batches, optimizer (Adam, learning rate
-3e-3 cosine-decayed to 0) and number of steps as its dense baseline; only the pruning
-wrapper differs, and it is the one call site (`jaxcomp.sparsity.prune` around the optimizer).
+Every run trains from the same initialisation, with the same batches, optimizer (Adam,
+learning rate 3e-3 cosine-decayed to 0) and number of steps as its dense baseline; only the
+pruning wrapper differs, and it is the one call site (`jaxcomp.sparsity.prune` around the optimizer).
 
 * `acc_mag90`: LeNet-300-100, unstructured magnitude pruning of every kernel to 90% with Zhu &
   Gupta's cubic schedule, ending at 60% of training so the surviving weights recover
