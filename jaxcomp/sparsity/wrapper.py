@@ -50,6 +50,11 @@ class PruneState(NamedTuple):
         the accumulated movement for `Movement()`).
       key: uint32 key data for random scores and SET, split on every mask update (`None` when
         no randomness is used).
+
+    Example:
+        >>> state = prune(optax.sgd(0.1), Pruner(sparsity=0.5)).init({"kernel": jnp.ones(4)})
+        >>> int(state.count), state.key is None
+        (0, True)
     """
 
     count: jax.Array
