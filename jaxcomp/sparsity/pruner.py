@@ -437,7 +437,7 @@ def prune_now(
     Example:
         >>> pruned, masks = prune_now({"kernel": jnp.array([3., -1., 2., 4.])}, Pruner(sparsity=0.25))
         >>> pruned["kernel"]
-        Array([ 3.,  0.,  2.,  4.], dtype=float32)
+        Array([3., 0., 2., 4.], dtype=float32)
     """
     masks = compute_masks(params, pruner, grads=grads, key=key, step=step)
     return apply_masks(params, masks), masks

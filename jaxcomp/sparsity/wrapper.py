@@ -121,6 +121,7 @@ def prune(
         for settings that do not fit the params (naming path and value) or a missing `params`.
 
     Example:
+        >>> from jaxcomp.sparsity import polynomial_sparsity
         >>> tx = prune(optax.adam(1e-3), Pruner(sparsity=polynomial_sparsity(
         ...     0.9, begin_step=0, end_step=1000, frequency=100)))
     """
