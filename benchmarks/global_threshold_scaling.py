@@ -3,7 +3,8 @@
 The parameters are spread over 100 leaves. The candidate is
 `jaxcomp.sparsity.global_threshold_masks` on |w| at 90% sparsity (a search by counting: no sort,
 no concatenation); the baseline concatenates every |w|, sorts, and thresholds at the k-th value.
-Both are jitted and produce the same masks (checked). Figures:
+Both are jitted and agree on every weight off the threshold (checked; at 100M float32 |w|
+has ties at the threshold, which the search breaks by position to prune exactly k). Figures:
 
 * `time_per_param_ratio_100m_1m`: (time / param at 100M) / (time / param at 1M), goal <= 1.5;
 * `speedup_vs_sort_100m`: sort time / candidate time at 100M, goal >= 3;
@@ -49,7 +50,15 @@ def full_sort(params):
     scores = jnp.concatenate([jnp.abs(p).ravel() for p in params])
     k = round(SPARSITY * scores.size)
     threshold = jnp.sort(scores)[k - 1]
-    return [jnp.abs(p) > threshold for p in params]
+    return [jnp.abs(p) > threshold for p in params], threshold
+
+
+@jax.jit
+def disagreements(params, masks, threshold):
+    # Off the threshold both keep exactly |w| > threshold; ties at it may go either way (the
+    # search breaks them by position to prune exactly k, the sort prunes them all).
+    return sum(jnp.sum((m != (jnp.abs(p) > threshold)) & (jnp.abs(p) != threshold))
+               for p, m in zip(params, masks))
 
 
 def temp_mib(fn, params) -> float:
@@ -74,9 +83,9 @@ def main() -> None:
         print(f"{total:>11,} params: compiled and ran the search in {time.perf_counter() - start:.1f} s")
         pruned = sum(int((~np.asarray(m)).sum()) for m in masks)
         assert pruned == round(SPARSITY * total), (pruned, total)
-        reference = full_sort(params)
-        assert all(bool(jnp.array_equal(a, b)) for a, b in zip(masks, reference))
-        del masks, reference
+        _, threshold = full_sort(params)
+        assert int(disagreements(params, masks, threshold)) == 0
+        del masks
         # Big sizes run a few rounds: the sort alone takes tens of seconds at 100M.
         rounds = 10 if total <= 10**7 else 2
         times = benchmark.compare(

@@ -197,7 +197,12 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
 
 
 class ActivationSparsityStat(nnx.Variable):
-    """An NNX variable holding a layer's measured activation sparsity (not a parameter)."""
+    """An NNX variable holding a layer's measured activation sparsity (not a parameter).
+
+    Example:
+        >>> float(ActivationSparsityStat(jnp.float32(0.5)).get_value())
+        0.5
+    """
 
 
 class SparseActivation(nnx.Module):

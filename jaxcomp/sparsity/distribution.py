@@ -48,7 +48,15 @@ SparsitySpec = Union[float, Callable[[Any], Any]]
 
 
 class Distribution(abc.ABC):
-    """Base class: per-leaf target sparsities from the scheduled target."""
+    """Base class: per-leaf target sparsities from the scheduled target.
+
+    Example:
+        >>> class Half(Distribution):  # every leaf at half the target
+        ...     def leaf_sparsities(self, target, step, paths, shapes):
+        ...         return jnp.full((len(paths),), target / 2, jnp.float32)
+        >>> Half().leaf_sparsities(jnp.float32(0.8), 0, ["a", "b"], [(2,), (3,)])
+        Array([0.4, 0.4], dtype=float32)
+    """
 
     #: True when the leaves share one threshold instead of per-leaf targets.
     shared_threshold: bool = False

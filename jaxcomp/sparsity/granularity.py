@@ -39,7 +39,12 @@ def _normalize_axis(path: str, axis: int, ndim: int, what: str) -> int:
 
 
 class Granularity(abc.ABC):
-    """Base class: how weights group into the units a mask keeps or prunes."""
+    """Base class: how weights group into the units a mask keeps or prunes.
+
+    Example:
+        >>> Channel(axis=-1).pool(jnp.array([[1., 4.], [3., 0.]]))
+        Array([2., 2.], dtype=float32)
+    """
 
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         """Raises `ValueError` naming `path` if this granularity cannot apply to `shape`."""

@@ -238,6 +238,11 @@ class Sparsity(NamedTuple):
       total: zeros over elements of all measured leaves.
       zeros: number of zeros over all measured leaves.
       size: number of elements of all measured leaves.
+
+    Example:
+        >>> s = sparsity_of({"w": jnp.array([0., 1., 0., 0.])})
+        >>> int(s.zeros), s.size
+        (3, 4)
     """
 
     per_leaf: dict[str, jax.Array]

@@ -56,6 +56,13 @@ class Score(abc.ABC):
 
     Class attributes `needs_grads` and `needs_key` say what the score uses, so `prune_now` and
     `prune` can check their inputs before tracing.
+
+    Example:
+        >>> class Squared(Score):
+        ...     def __call__(self, params, grads, state, key):
+        ...         return jax.tree.map(jnp.square, params)
+        >>> Squared()({"w": jnp.array([-3., 1.])}, None, (), None)["w"]
+        Array([9., 1.], dtype=float32)
     """
 
     needs_grads: bool = False

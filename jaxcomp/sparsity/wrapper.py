@@ -50,6 +50,11 @@ class PruneState(NamedTuple):
         the accumulated movement for `Movement()`).
       key: uint32 key data for random scores and SET, split on every mask update (`None` when
         no randomness is used).
+
+    Example:
+        >>> state = prune(optax.sgd(0.1), Pruner(sparsity=0.5)).init({"kernel": jnp.ones(4)})
+        >>> int(state.count), state.key is None
+        (0, True)
     """
 
     count: jax.Array
@@ -116,6 +121,7 @@ def prune(
         for settings that do not fit the params (naming path and value) or a missing `params`.
 
     Example:
+        >>> from jaxcomp.sparsity import polynomial_sparsity
         >>> tx = prune(optax.adam(1e-3), Pruner(sparsity=polynomial_sparsity(
         ...     0.9, begin_step=0, end_step=1000, frequency=100)))
     """
