@@ -38,6 +38,12 @@ _SIGN = np.uint32(0x80000000)
 TINY = float(2.0**-98)
 
 
+def finite(scores: jax.Array) -> jax.Array:
+    """float32 scores with NaN as the lowest finite value and infinities clipped to finite."""
+    scores = scores.astype(jnp.float32)
+    return jnp.nan_to_num(scores, nan=-_FMAX, posinf=_FMAX, neginf=-_FMAX)
+
+
 def sanitize(scores: jax.Array) -> jax.Array:
     """Finite float32 scores in the same order: NaN and -inf lowest, +inf highest.
 

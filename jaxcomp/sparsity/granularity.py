@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcomp.sparsity._select import lowest_k, sanitize
+from jaxcomp.sparsity._select import finite, lowest_k, sanitize
 
 __all__ = ["Block", "Channel", "Granularity", "NM", "Unstructured", "block_mask", "channel_mask",
            "nm_mask", "unstructured_mask"]
@@ -188,7 +188,7 @@ class Block(Granularity):
         return math.prod(self.shape)
 
     def pool(self, scores: jax.Array) -> jax.Array:
-        scores = sanitize(scores)
+        scores = finite(scores)
         lead = scores.ndim - len(self.shape)
         pads = [(0, 0)] * lead + [(0, -d % b) for d, b in zip(scores.shape[lead:], self.shape)]
         fill = 0.0 if self.pool_by == "mean" else -jnp.inf
@@ -252,7 +252,7 @@ class Channel(Granularity):
     def pool(self, scores: jax.Array) -> jax.Array:
         axis = self.axis % scores.ndim
         others = tuple(a for a in range(scores.ndim) if a != axis)
-        scores = sanitize(scores)
+        scores = finite(scores)
         return jnp.max(scores, axis=others) if self.pool_by == "max" else jnp.mean(scores, others)
 
     def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
