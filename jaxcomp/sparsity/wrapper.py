@@ -228,10 +228,10 @@ def prune(
         if not straight_through:
             for i in selected:
                 p = p_leaves[i]
-                dense = p + out[i]
-                # Pruned and regrown weights (where the masks differ) both end at exactly zero.
+                # Pruned and regrown weights (where the masks differ) both end at exactly zero:
+                # p + (-p) == 0 exactly, and kept weights get the inner update untouched.
                 keep = new_masks[i] & old_masks[i]
-                out[i] = (jnp.where(keep, dense, jnp.zeros((), dense.dtype)) - p).astype(p.dtype)
+                out[i] = jnp.where(keep, out[i].astype(p.dtype), -p)
         new_state = PruneState(
             count=count + 1,
             masks=jax.tree.unflatten(treedef, new_masks),
