@@ -9,6 +9,9 @@ float is measured faster, which is then reported), and `qdot`'s "auto" strategy 
 options once per shape; both happen before timing. Also reports the bytes of the weights
 (scales included) for int8 and int4 storage.
 
+The bare `lax.dot_general(int8, int8) -> int32` (best layout, nothing else) is timed in the same
+rounds as the ceiling any integer serving path can reach on this backend.
+
 Run: PYTHONPATH=$PWD .venv/bin/python benchmarks/int8_serving.py
 """
 
@@ -31,6 +34,18 @@ def float_dense(x, w, b):
 
 
 @jax.jit
+def bare_int8_kn(xq, wq):
+    """The bare integer product, weight (K, N): the ceiling of any int8 serving path."""
+    return jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+@jax.jit
+def bare_int8_nk(xq, wq_t):
+    """The bare integer product, weight stored (N, K)."""
+    return jax.lax.dot_general(xq, wq_t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+@jax.jit
 def serve_dense(x, q, b):
     """The served layer: `qdot` on a QArray, or a float matmul where float was chosen."""
     return (qdot(x, q) if isinstance(q, QArray) else x @ q) + b
@@ -39,6 +54,9 @@ def serve_dense(x, q, b):
 def main() -> None:
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
     speedups: dict[tuple[int, int], float] = {}
+    # The bare int8 x int8 -> int32 dot (best layout, no activation quantization, no scales):
+    # what the backend's integer kernel itself gives, measured in the same rounds.
+    bare: dict[tuple[int, int], float] = {}
     ratios: dict[str, list[float]] = {"int8": [], "int4": []}
     choices = {}
     for size in SIZES:
@@ -62,15 +80,21 @@ def main() -> None:
             err = jnp.abs(serve_dense(x, served, b) - float_dense(x, w, b)).max()
             rounds = 30 if size * size * batch < 2**26 else 12
             number = 10 if size * size * batch < 2**24 else 1
+            xq = jax.random.randint(jax.random.key(1), x.shape, -127, 128).astype(jnp.int8)
             times = compare(
-                {"float32": (float_dense, (x, w, b)), "int8": (serve_dense, (x, served, b))},
+                {"float32": (float_dense, (x, w, b)), "int8": (serve_dense, (x, served, b)),
+                 "bare (K, N)": (bare_int8_kn, (xq, q8.values)),
+                 "bare (N, K)": (bare_int8_nk, (xq, q8.values.T.copy()))},
                 rounds=rounds, number=number,
             )
             speedups[(size, batch)] = times["float32"] / times["int8"]
+            bare[(size, batch)] = times["float32"] / min(times["bare (K, N)"], times["bare (N, K)"])
             print(f"  batch {batch:4d}: float32 {times['float32'] * 1e3:8.3f} ms  served "
                   f"{times['int8'] * 1e3:8.3f} ms  speedup {speedups[(size, batch)]:5.2f}x  "
-                  f"[{choice}] (max |error| {float(err):.4f})", flush=True)
+                  f"[{choice}] (max |error| {float(err):.4f}); bare int8 dot alone "
+                  f"{bare[(size, batch)]:5.2f}x", flush=True)
     ge8 = [v for (size, batch), v in speedups.items() if batch >= 8]
+    bare_ge8 = [v for (size, batch), v in bare.items() if batch >= 8]
     b1 = [v for (size, batch), v in speedups.items() if batch == 1]
     emit_json(
         "int8_serving",
@@ -80,6 +104,8 @@ def main() -> None:
         weight_bytes_ratio_int8=min(ratios["int8"]),
         weight_bytes_ratio_int4=min(ratios["int4"]),
         float_fallbacks=sum(c == "float32 fallback" for c in choices.values()),
+        bare_int8_geomean_speedup_batch_ge8=geomean(bare_ge8),
+        bare_int8_min_speedup_batch_ge8=min(bare_ge8),
         **{f"speedup_k{size}_b{batch}": v for (size, batch), v in speedups.items()},
     )
 
