@@ -102,8 +102,10 @@ def test_moments_of_pruned_weights_are_reset():
         after_state.masks["a"]["kernel"])
     assert pruned.any()
     mu = np.asarray(after_state.inner_state[0].mu["a"]["kernel"])
+    # The gradient here and the one inside the jitted step come from two compiled programs
+    # (float32 sums may be reassociated); a moment that was not reset would be off by b1 * mu.
     np.testing.assert_allclose(mu[pruned], 0.1 * np.asarray(grads["a"]["kernel"])[pruned],
-                               rtol=1e-5, atol=1e-9)
+                               rtol=1e-4, atol=1e-8)
 
 
 def test_orbax_checkpoint_mid_schedule_resumes_bit_identically(tmp_path):
