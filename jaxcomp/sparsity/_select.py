@@ -323,20 +323,29 @@ def _tie_cutoffs(
         before.append(running.get(g, jnp.int32(0)))
         running[g] = before[-1] + c
     wanted = [jnp.clip(need[g] - b, 0, c) for g, b, c in zip(groups_arr, before, tie_counts)]
-    indices = [flat_index(s.shape) for s in scores]
-    steps = max(int(math.ceil(math.log2(s.size + 1))) for s in scores) + 1
 
-    def body(_, bounds):
-        out = []
-        for (lo, hi), tie, index, want in zip(bounds, ties, indices, wanted):
-            mid = (lo + hi) // 2
-            enough = count_true(tie & (index < mid)) >= want
-            out.append((jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)))
-        return out
+    def cutoff(tie: jax.Array, want: jax.Array, count: jax.Array) -> jax.Array:
+        # A leaf takes none or all of its ties, except at most one per group, which takes its
+        # first `want`: only that leaf pays for the search on positions (by counting, so it
+        # shards like the leaf; a running sum would gather it).
+        def split(tie):
+            index = flat_index(tie.shape)
 
-    bounds = [(jnp.int32(0), jnp.int32(s.size)) for s in scores]
-    bounds = lax.fori_loop(0, steps, body, bounds)
-    return [hi for _, hi in bounds]
+            def body(_, bounds):
+                lo, hi = bounds
+                mid = (lo + hi) // 2
+                enough = count_true(tie & (index < mid)) >= want
+                return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+            steps = int(math.ceil(math.log2(tie.size + 1))) + 1
+            return lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(tie.size)))[1]
+
+        def all_or_none(tie):
+            return jnp.where(want > 0, jnp.int32(tie.size), jnp.int32(0))
+
+        return lax.cond((want > 0) & (want < count), split, all_or_none, tie)
+
+    return [cutoff(t, w, c) for t, w, c in zip(ties, wanted, tie_counts)]
 
 
 def lowest_k(

@@ -159,3 +159,17 @@ def test_bad_selection_arguments_raise_value_error(call):
     """Sparsity outside [0, 1), N > M, oversized blocks, bad axes raise ValueError."""
     with pytest.raises(ValueError):
         call()
+
+
+def test_ties_across_the_leaves_of_a_group_are_taken_in_leaf_then_position_order():
+    """With many ties, a group marks exactly the k first of a stable sort over all its leaves."""
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 3, size=shape).astype(np.float32) for shape in [(3, 5), (7,), (2, 4)]]
+    flat = np.concatenate([x.ravel() for x in xs])
+    order = np.argsort(flat, kind="stable")
+    for k in (0, 1, 6, 13, 20, flat.size):
+        out = lowest_k([jnp.asarray(x) for x in xs], jnp.asarray([k]), groups=[0, 0, 0])
+        expected = np.zeros(flat.size, bool)
+        expected[order[:k]] = True
+        np.testing.assert_array_equal(np.concatenate([np.asarray(o).ravel() for o in out]),
+                                      expected, err_msg=f"k={k}")
