@@ -9,3 +9,4 @@ napoleon_google_docstring = True
 autodoc_member_order = "bysource"
 html_theme = "furo"
 exclude_patterns = ["_build"]
+napoleon_use_ivar = True  # NamedTuple fields: one description each, not an attribute plus a field
