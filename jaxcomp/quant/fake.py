@@ -138,6 +138,11 @@ def fake_quant(
         >>> fake_quant(jnp.array([0.1, 0.26, -1.0]), QuantSpec(bits=4))
         Array([ 0.14285715,  0.2857143 , -1.        ], dtype=float32)
     """
+    return _fake_quant_checked(x, spec, params, key, ste, path, barrier=True)
+
+
+def _fake_quant_checked(x, spec, params, key, ste, path, *, barrier):
+    """`fake_quant` with its checks; `barrier` as in `_fake_quant_program`."""
     if ste not in _STE:
         raise ValueError(f"{path}: ste must be one of {_STE}, got {ste!r}")
     check_float(x, path)
@@ -150,16 +155,18 @@ def fake_quant(
         # A range taken from x itself clips nothing on a signed symmetric grid, so the clipped
         # estimator is the identity: skip its mask (and the residuals it would keep).
         ste = "plain"
-    return _fake_quant_program(x, params, key, spec, lay, ste)
+    return _fake_quant_program(x, params, key, spec, lay, ste, barrier)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _fake_quant_program(x, params, key, spec, lay, ste):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _fake_quant_program(x, params, key, spec, lay, ste, barrier):
     # One compiled program per shape and spec when called eagerly; inlined under an outer jit.
-    # The barrier keeps XLA from moving a caller's reshape (e.g. a flattened NHWC image with one
-    # channel) after the elementwise pass, where a trailing size-1 axis defeats vectorization on
-    # CPU; it costs nothing at run time.
-    x = jax.lax.optimization_barrier(x)
+    # For activations, the barrier keeps XLA from moving a caller's reshape (e.g. a flattened
+    # NHWC image with one channel) after the elementwise pass, where a trailing size-1 axis
+    # defeats vectorization on CPU. Parameters are leaves in their own layout: there it would
+    # only stop XLA from fusing the pass into its consumers.
+    if barrier:
+        x = jax.lax.optimization_barrier(x)
     if params is None:
         params = params_from_range(*quant_range(jax.lax.stop_gradient(x), spec, lay), spec)
     noise = rounding_noise(key, lay.grouped_shape, spec)
@@ -206,6 +213,6 @@ def fake_quant_tree(
         index = next(counter)
         leaf = leaf.materialize() if is_compressed(leaf) else leaf
         leaf_key = None if key is None else jax.random.fold_in(key, index)
-        return fake_quant(leaf, spec, key=leaf_key, ste=ste, path=path)
+        return _fake_quant_checked(leaf, spec, None, leaf_key, ste, path, barrier=False)
 
     return map_selected(one, params, where=where, with_path=True)

@@ -101,9 +101,11 @@ def _lsq_init(x, lay: Layout, qmax: int) -> jax.Array:
     return jnp.where(step > 0, step, 1.0)
 
 
-def _lsq_parts(spec: QuantSpec, lay: Layout, x, step):
-    # See fake._fake_quant_program: keeps a caller's reshape ahead of the elementwise pass.
-    x = jax.lax.optimization_barrier(x)
+def _lsq_parts(spec: QuantSpec, lay: Layout, barrier: bool, x, step):
+    # See fake._fake_quant_program: for activations the barrier keeps a caller's reshape ahead
+    # of the elementwise pass; parameters skip it so the pass fuses into its consumers.
+    if barrier:
+        x = jax.lax.optimization_barrier(x)
     xg = to_grouped(x, lay).astype(jnp.promote_types(x.dtype, jnp.float32))
     # A 0-d step lets XLA fuse its use into the elementwise passes (a (1, 1) one does not).
     step = step.reshape(()) if step.size == 1 else step
@@ -112,19 +114,19 @@ def _lsq_parts(spec: QuantSpec, lay: Layout, x, step):
     return xg, s, v, jnp.clip(jnp.round(v), spec.qmin, spec.qmax)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _lsq(spec, lay, grad_scale, x, step):
-    _, s, _, q = _lsq_parts(spec, lay, x, step)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _lsq(spec, lay, grad_scale, barrier, x, step):
+    _, s, _, q = _lsq_parts(spec, lay, barrier, x, step)
     return from_grouped(q * s, lay).astype(x.dtype)
 
 
-def _lsq_fwd(spec, lay, grad_scale, x, step):
-    return _lsq(spec, lay, grad_scale, x, step), (x, step)
+def _lsq_fwd(spec, lay, grad_scale, barrier, x, step):
+    return _lsq(spec, lay, grad_scale, barrier, x, step), (x, step)
 
 
-def _lsq_bwd(spec, lay, grad_scale, residuals, g):
+def _lsq_bwd(spec, lay, grad_scale, barrier, residuals, g):
     x, step = residuals
-    _, _, v, q = _lsq_parts(spec, lay, x, step)
+    _, _, v, q = _lsq_parts(spec, lay, barrier, x, step)
     below, above = v <= spec.qmin, v >= spec.qmax
     inside = ~(below | above)
     gg = to_grouped(g, lay).astype(v.dtype)
@@ -136,7 +138,7 @@ def _lsq_bwd(spec, lay, grad_scale, residuals, g):
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 # One compiled program per shape and spec when called eagerly; inlined under an outer jit.
-_lsq_program = jax.jit(_lsq, static_argnums=(0, 1, 2))
+_lsq_program = jax.jit(_lsq, static_argnums=(0, 1, 2, 3))
 
 
 def lsq_fake_quant(
@@ -171,6 +173,11 @@ def lsq_fake_quant(
         >>> lsq_fake_quant(x, jnp.float32(0.5), QuantSpec(bits=3))
         Array([ 0.5, -1. ,  1.5], dtype=float32)
     """
+    return _lsq_checked(x, step, spec, grad_scale, path, barrier=True)
+
+
+def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
+    """`lsq_fake_quant` with its checks; `barrier` as in `_lsq_parts`."""
     check_float(x, path)
     _check_spec(spec, "LSQ", path)
     x = jnp.asarray(x)
@@ -179,7 +186,7 @@ def lsq_fake_quant(
     _check_shape(step, lay, "step", path)
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(lay.elements_per_scale * spec.qmax)
-    return _lsq_program(spec, lay, float(grad_scale), x, step)
+    return _lsq_program(spec, lay, float(grad_scale), barrier, x, step)
 
 
 def lsq_init_tree(params: Any, spec: QuantSpec, *, where: Where = None) -> dict[str, jax.Array]:
@@ -228,7 +235,7 @@ def lsq_fake_quant_tree(
 
     def one(path, leaf):
         leaf = leaf.materialize() if is_compressed(leaf) else leaf
-        return lsq_fake_quant(leaf, steps[path], spec, grad_scale=grad_scale, path=path)
+        return _lsq_checked(leaf, steps[path], spec, grad_scale, path, barrier=False)
 
     return map_selected(one, params, where=lambda path, _: path in steps, with_path=True)
 
