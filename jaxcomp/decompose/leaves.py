@@ -196,8 +196,13 @@ class Factorized(CompressedLeaf):
         """FLOPs (2 x multiply-adds) of the factor sequence on an input of `input_shape`."""
 
     def dense_flops(self, input_shape: Sequence[int]) -> int:
-        """FLOPs of the dense layer on an input of `input_shape`."""
-        raise NotImplementedError
+        """FLOPs of the dense layer on an input of `input_shape` (a matmul, or the original
+        convolution with its stride, padding and dilation)."""
+        if len(self.shape) == 2:
+            return 2 * math.prod(input_shape[:-1]) * self.shape[0] * self.shape[1]
+        kh, kw, cin, cout = self.shape
+        out_hw = self.spec.output_hw(tuple(input_shape[-3:-1]), (kh, kw))
+        return 2 * math.prod(input_shape[:-3]) * math.prod(out_hw) * kh * kw * cin * cout
 
 
 @compressed_leaf
@@ -230,9 +235,6 @@ class SVDKernel(Factorized):
     def flops(self, input_shape: Sequence[int]) -> int:
         batch = math.prod(input_shape[:-1])
         return 2 * batch * self.rank[0] * (self.shape[0] + self.shape[1])
-
-    def dense_flops(self, input_shape: Sequence[int]) -> int:
-        return 2 * math.prod(input_shape[:-1]) * self.shape[0] * self.shape[1]
 
     @property
     def kind(self) -> str:
@@ -289,9 +291,6 @@ class TTKernel(Factorized):
             total += 2 * batch * rest_in * done_out * r0 * m * n * r1
             done_out *= n
         return total
-
-    def dense_flops(self, input_shape: Sequence[int]) -> int:
-        return 2 * math.prod(input_shape[:-1]) * self.shape[0] * self.shape[1]
 
     @property
     def kind(self) -> str:
@@ -354,11 +353,6 @@ class Tucker2Kernel(Factorized):
             total += 2 * positions_out * r_out * cout
         return total
 
-    def dense_flops(self, input_shape: Sequence[int]) -> int:
-        kh, kw, cin, cout = self.shape
-        out_hw = self.spec.output_hw(tuple(input_shape[-3:-1]), (kh, kw))
-        return 2 * math.prod(input_shape[:-3]) * math.prod(out_hw) * kh * kw * cin * cout
-
     @property
     def kind(self) -> str:
         return "Tucker2"
@@ -414,11 +408,6 @@ class CPKernel(Factorized):
         mid_w = width + sum(self.spec.resolve((height, width), (kh, kw))[1]) if isinstance(
             self.spec.padding, str) and self.spec.padding in ("CIRCULAR", "REFLECT") else width
         return 2 * n * r * (height * width * cin + out_h * mid_w * kh + out_h * out_w * (kw + cout))
-
-    def dense_flops(self, input_shape: Sequence[int]) -> int:
-        kh, kw, cin, cout = self.shape
-        out_hw = self.spec.output_hw(tuple(input_shape[-3:-1]), (kh, kw))
-        return 2 * math.prod(input_shape[:-3]) * math.prod(out_hw) * kh * kw * cin * cout
 
     @property
     def kind(self) -> str:
