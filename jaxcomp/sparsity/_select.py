@@ -118,13 +118,25 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+def _one_per_group(groups: Sequence[int], num_groups: int) -> bool:
+    return tuple(groups) == tuple(range(num_groups))
+
+
+# With one leaf per group (the common case) the per-group values are the per-leaf ones: a
+# stack, not a product with a one-hot constant or a scatter. Every constant and every reducer
+# computation is a buffer that XLA's CPU runtime sets up on each call of the program, even
+# where the search sits in a branch that does not run.
 def _group_sum(per_leaf: list[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
+    if _one_per_group(groups, num_groups):
+        return jnp.stack(per_leaf)
     onehot = np.zeros((len(per_leaf), num_groups), per_leaf[0].dtype)
     onehot[np.arange(len(per_leaf)), np.asarray(groups)] = 1
     return jnp.stack(per_leaf) @ jnp.asarray(onehot)
 
 
 def _group_max(per_leaf: list[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
+    if _one_per_group(groups, num_groups):
+        return jnp.stack(per_leaf).astype(jnp.float32)
     out = jnp.full((num_groups,), -jnp.inf, jnp.float32)
     return out.at[np.asarray(groups)].max(jnp.stack(per_leaf))
 
