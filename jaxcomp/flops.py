@@ -3,7 +3,7 @@
 FLOPs are counted as 2 x the multiply-accumulates of `dot_general` and `conv_general_dilated`
 (the convention of Torch-Pruning, fvcore and NNI counters, which count MACs and leave elementwise
 work out). Each matmul or convolution is attributed to the parameter leaf its weight operand comes
-from, followed through casts, reshapes, transposes, elementwise arithmetic, nested `jit`s and
+from, followed through casts, reshapes, transposes, elementwise arithmetic, nested `jit` calls and
 custom-derivative calls, so a compressed leaf that is materialized inside the forward pass, or
 applied as a sequence of small factors, is charged to its own path. A product of two activations
 (attention scores) has no parameter path and counts under `"(activations)"`.

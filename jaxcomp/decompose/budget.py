@@ -91,7 +91,7 @@ def allocate_ranks(
       strides: each convolution's strides (for the FLOPs of Tucker-2's first 1x1 convolution).
 
     Returns:
-      `{path: ranks or None}`.
+      ``{path: ranks or None}``.
 
     Raises:
       ValueError: naming the path, for a method without singular values (CP) or a missing FLOP

@@ -127,7 +127,7 @@ class FactorizedLinear(_FactorizedLayer):
     """An NNX Dense layer whose kernel is an `SVDKernel` or a `TTKernel`, run as its factors.
 
     Attributes:
-      kernel: a `FactorizedKernel` (the factors, as `nnx.Param`s).
+      kernel: a `FactorizedKernel` (the factors, as `nnx.Param` leaves).
       bias: `nnx.Param` of shape `(out,)`, or None.
 
     Example:

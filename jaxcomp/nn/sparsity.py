@@ -59,7 +59,7 @@ class ActivationSparsity:
       top_k: keep the k largest activations along `axis` (per row).
       keep_fraction: keep ceil(keep_fraction * n) along `axis`, for n the axis length.
       threshold: keep activations whose score exceeds it.
-      by: "magnitude" scores |a|; "value" scores a (keeps the largest positive values, what a
+      by: "magnitude" scores `|a|`; "value" scores `a` (keeps the largest positive values, what a
         ReLU after the layer would pass).
       axis: the axis along which top-k is taken.
 

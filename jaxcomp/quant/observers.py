@@ -287,7 +287,7 @@ def calibrate(
       observer: how ranges are observed; `MinMaxObserver()` by default.
 
     Returns:
-      `{name: QuantParams}`.
+      ``{name: QuantParams}``.
 
     Raises:
       ValueError: if `batches` is empty, or naming the tensor and batch index when a batch held

@@ -213,7 +213,7 @@ def erk_sparsities(
       power: see `ERK`.
 
     Returns:
-      `{path: sparsity}`; the size-weighted mean equals `sparsity`.
+      ``{path: sparsity}``; the size-weighted mean equals `sparsity`.
 
     Raises:
       ValueError: if `sparsity` is outside [0, 1) or `shapes` is empty.

@@ -77,7 +77,7 @@ class SET(_DropAndGrow):
 
 @dataclasses.dataclass(frozen=True)
 class RigL(_DropAndGrow):
-    """Rigged Lottery: drop the smallest weights, grow those with the largest |gradient|.
+    """Rigged Lottery: drop the smallest weights, grow those with the largest `|gradient|`.
 
     Attributes:
       update_every: steps between topology updates.

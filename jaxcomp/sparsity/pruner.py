@@ -1,8 +1,8 @@
-"""The `Pruner` configuration, its per-layer `Rule`s, and one-shot pruning.
+"""The `Pruner` configuration, its per-layer `Rule` overrides, and one-shot pruning.
 
 A `Pruner` says which leaves are pruned (`where=`, every kernel by default), to what sparsity
 (a float or an optax schedule), by which score, at which granularity, and how the sparsity is
-spread over the leaves. `Rule`s give a subset of those leaves their own settings: the first
+spread over the leaves. `Rule` objects give a subset of those leaves their own settings: the first
 rule whose `where` matches a leaf configures it, unset fields fall back to the pruner's. It is a
 frozen, validated dataclass: no strings to parse, no registry to mutate.
 

@@ -6,9 +6,9 @@ A score is an object with `__call__(params, grads, state, key) -> scores`, plus 
 structure. `jaxcomp.sparsity.prune` calls `accumulate` on every step and the score itself only on
 the steps that recompute masks.
 
-* `Magnitude`: |w| (L1 magnitude pruning).
+* `Magnitude`: `|w|` (L1 magnitude pruning).
 * `Random`: uniform noise from an explicit key.
-* `Saliency`: |w * g|; used once at initialisation it is SNIP (Lee et al. 2019).
+* `Saliency`: `|w * g|`; used once at initialisation it is SNIP (Lee et al. 2019).
 * `Movement`: the sum over steps of -w * g (Sanh et al. 2020): weights moving away from zero
   score high.
 * `Taylor`: first-order Taylor importance (w * g)^2, averaged over steps by an exponential moving
@@ -85,7 +85,7 @@ class Score(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class Magnitude(Score):
-    """|w|: the L1 magnitude of each weight.
+    """`|w|`: the L1 magnitude of each weight.
 
     Example:
         >>> Magnitude()({"w": jnp.array([-3., 1.])}, None, (), None)["w"]
@@ -121,7 +121,7 @@ class Random(Score):
 
 @dataclasses.dataclass(frozen=True)
 class Saliency(Score):
-    """|w * g|: the first-order estimate of the loss change when a weight is removed.
+    """`|w * g|`: the first-order estimate of the loss change when a weight is removed.
 
     Applied once at initialisation (a one-shot schedule at step 0), this is SNIP.
 
@@ -252,7 +252,7 @@ def as_score(score: Score | Callable[[Any, Any, Any], Any]) -> Score:
 
 
 def magnitude_scores(params: Any) -> Any:
-    """|w| for every leaf.
+    """`|w|` for every leaf.
 
     Example:
         >>> magnitude_scores({"w": jnp.array([-1., 2.])})
@@ -272,7 +272,7 @@ def random_scores(params: Any, key: jax.Array) -> Any:
 
 
 def saliency_scores(params: Any, grads: Any) -> Any:
-    """|w * g| for every leaf (SNIP's score).
+    """`|w * g|` for every leaf (SNIP's score).
 
     Example:
         >>> saliency_scores({"w": jnp.array([2.])}, {"w": jnp.array([-0.5])})

@@ -75,7 +75,7 @@ def activation_importance(
         Zeros (Hu et al. 2016), for channels after a ReLU.
 
     Returns:
-      `{group name: scores}` (higher is more important).
+      ``{group name: scores}`` (higher is more important).
 
     Raises:
       ValueError: on an unknown `kind`, no batch, or batches of different shapes.

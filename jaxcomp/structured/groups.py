@@ -104,7 +104,7 @@ class ChannelGroups(Sequence[ChannelGroup]):
       protected: groups that `where=` left out.
       unprunable: `"path[axis]"` to the reason its channels cannot be removed (model input or
         output, a normalization over the axis, an op that is not followed, ...).
-      inputs: the example inputs as `jax.ShapeDtypeStruct`s (used to check rebuilt models).
+      inputs: the example inputs as `jax.ShapeDtypeStruct` values (used to check rebuilt models).
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -338,7 +338,7 @@ def channel_groups(
         `lambda p, x: model.apply({"params": p}, x)`.
       tree: the variables or parameters (a pytree of arrays, dense; not compressed leaves).
       *example_inputs: inputs of the shapes the model will see (arrays or
-        `jax.ShapeDtypeStruct`s; the batch size does not matter).
+        `jax.ShapeDtypeStruct` values; the batch size does not matter).
       where: which leaves may be pruned (`jaxcomp.tree` selection). A group is prunable when
         `where` selects every leaf that produces its channels (its `"out"` members); protect a
         layer with e.g. `where=lambda path, x: "head" not in path`.

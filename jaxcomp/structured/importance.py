@@ -115,7 +115,7 @@ def magnitude_importance(
         not biases, norm scales or running statistics).
 
     Returns:
-      `{group name: scores of shape (channels,)}`.
+      ``{group name: scores of shape (channels,)}``.
 
     Raises:
       ValueError: if `ord` is not 1 or 2, or `where` selects no member.
@@ -155,7 +155,7 @@ def bn_scale_importance(
         prunable group these are BatchNorms, since a LayerNorm's axis is never prunable).
 
     Returns:
-      `{group name: scores}` for the groups that have a scale member.
+      ``{group name: scores}`` for the groups that have a scale member.
 
     Raises:
       ValueError: if no group has a selected member.
@@ -191,7 +191,7 @@ def taylor_importance(
       where: which member leaves count (default: all with a gradient).
 
     Returns:
-      `{group name: scores}`.
+      ``{group name: scores}``.
 
     Raises:
       ValueError: if `grads` has no path in common with the members of the groups.
@@ -245,7 +245,7 @@ def fpgm_importance(
       where: which member leaves form the filters (default: leaves of 2 or more axes).
 
     Returns:
-      `{group name: scores}`.
+      ``{group name: scores}``.
 
     Raises:
       ValueError: if `where` selects no member.

@@ -120,7 +120,7 @@ def select_channels(
       normalize: in global scope, divide each group's scores by their mean first.
 
     Returns:
-      `{group name: bool mask of kept channels}` (numpy), for `remove_channels`.
+      ``{group name: bool mask of kept channels}`` (numpy), for `remove_channels`.
 
     Raises:
       ValueError: on a ratio outside [0, 1), a ratio key that matches no group, an unknown

@@ -164,7 +164,7 @@ def calibrate_linen(
       apply_kwargs: extra keyword arguments of `model.apply` (e.g. `{"train": False}`).
 
     Returns:
-      `{module path: QuantParams}`, for `fake_quant_inputs(params=...)` and `serve_linen`.
+      ``{module path: QuantParams}``, for `fake_quant_inputs(params=...)` and `serve_linen`.
 
     Raises:
       ValueError: if no layer is selected, or naming the layer and batch when an input held
@@ -201,7 +201,7 @@ def init_input_steps_linen(
     """LSQ initial steps (`2 mean|x| / sqrt(qmax)`) of the selected layers' inputs, from one batch.
 
     Returns:
-      `{module path: step}` for `fake_quant_inputs(steps=...)`; train it with the params.
+      ``{module path: step}`` for `fake_quant_inputs(steps=...)`; train it with the params.
 
     Example:
         >>> model = nn.Dense(3)

@@ -68,7 +68,7 @@ def prune_and_finetune_linen(
       tx: your optax optimizer.
       loss_fn: `loss_fn(model, variables, batch) -> (loss, updated_collections)`, where
         `updated_collections` holds the non-param collections after the step (e.g.
-        `{"batch_stats": ...}` from `model.apply(..., mutable=["batch_stats"])`, or `{}`).
+        ``{"batch_stats": ...}`` from `model.apply(..., mutable=["batch_stats"])`, or `{}`).
       ratio: the final fraction of channels removed, in [0, 1).
       rounds: the number of prune-then-train rounds.
       steps: train steps after each pruning.
