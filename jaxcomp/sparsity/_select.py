@@ -5,8 +5,10 @@ them for a global threshold) costs O(n log n) time, a copy of every score and, o
 gather of the whole array onto one device. Instead the threshold is searched: each step counts
 the scores below a candidate threshold, which is one fused, memory-light reduction that XLA
 partitions like any sum. Candidates come from interpolating the empirical CDF between the
-bracket's ends (a bisection step in the bits of the float whenever interpolation stalls), so a
-smooth score distribution needs a handful of passes and any input at most about 64.
+bracket's ends; when the bracket stops shrinking, its ends close onto the nearest scores (one
+max-reduction) and bisection in the bits of the float takes over. A smooth score distribution
+needs about ten passes, tied or discrete scores (already pruned zeros, quantized weights) about
+as many, and any input at most about 64.
 
 The count is `min(ceil(max(t - x, 0)), 1)` summed in float32: exactly 1 for x < t, 0 otherwise,
 and 2-10x faster on CPU than summing a comparison (XLA vectorizes the arithmetic, not the
@@ -72,6 +74,25 @@ def from_key(key: jax.Array) -> jax.Array:
     """Inverse of `to_key`."""
     bits = jnp.where(key >= _SIGN, key & ~_SIGN, ~key)
     return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_KEY_ZERO = np.uint32(0x80000000)  # to_key(+0.0)
+_KEY_MIN_NORMAL = np.uint32(0x80800000)  # to_key(2**-126)
+
+
+def succ(key: jax.Array) -> jax.Array:
+    """The next threshold key after `key` that counts differently on sanitized scores.
+
+    XLA's CPU backend reads subnormal inputs as zero, so a threshold between 0 and 2**-126 counts
+    like 0 itself; sanitized scores have none there, so the first threshold past 0 is 2**-126.
+    """
+    return jnp.where(key == _KEY_ZERO, _KEY_MIN_NORMAL, key + 1)
+
+
+def _normal_candidate(cand: jax.Array, lo: jax.Array) -> jax.Array:
+    """A candidate inside (lo, hi) that is not a positive subnormal (see `succ`)."""
+    subnormal = (cand > _KEY_ZERO) & (cand < _KEY_MIN_NORMAL)
+    return jnp.where(subnormal, jnp.where(lo < _KEY_ZERO, _KEY_ZERO, _KEY_MIN_NORMAL), cand)
 
 
 def below(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -190,12 +211,14 @@ def _sample_bracket(
     q = k.astype(jnp.float32) / jnp.asarray(totals, jnp.float32)
     margin = 3.0 * jnp.sqrt(q * (1.0 - q) / sizes + 1.0 / sizes**2)
 
+    largest = jnp.max(jnp.where(mass > 0, values, -jnp.inf), axis=1)
+
     def quantile(fraction):
         target = fraction * jnp.asarray(totals, jnp.float32)
         reached = (through >= target[:, None]) & (mass > 0)
         value = jnp.min(jnp.where(reached, values, jnp.inf), axis=1)
-        inside = (fraction > 0) & (fraction < 1) & jnp.any(reached, axis=1)
-        return jnp.where(inside, value, jnp.nan)
+        value = jnp.where(jnp.any(reached, axis=1) & (fraction < 1), value, largest)
+        return jnp.where(fraction > 0, value, jnp.nan)
 
     return quantile(q - margin), quantile(q + margin)
 
@@ -252,7 +275,7 @@ def _search(
     queued = jnp.stack([~jnp.isnan(sample_lo), ~jnp.isnan(sample_hi)], axis=1)
 
     def done(lo, hi, c_lo, c_hi):
-        return (c_lo == k) | (c_hi == k) | (hi - lo <= 1) | ((unit > 1) & (c_hi - c_lo <= unit))
+        return (c_lo == k) | (c_hi == k) | (hi <= succ(lo)) | ((unit > 1) & (c_hi - c_lo <= unit))
 
     def cond(state):
         step, lo, hi, c_lo, c_hi = state[:5]
@@ -275,6 +298,7 @@ def _search(
         guess = jnp.where((step < 2) & queued[:, slot] & (sampled > lo) & (sampled < hi),
                           sampled, guess)
         cand = jnp.clip(jnp.where(has_nxt, nxt, guess), lo + 1, jnp.maximum(hi, lo + 2) - 1)
+        cand = _normal_candidate(cand, lo)
         c = counts(cand, scores)
         up = active & (c <= k)
         down = active & (c > k)
@@ -285,23 +309,27 @@ def _search(
         side = jnp.where(up, -1, jnp.where(down, 1, side))
         lo, c_lo = jnp.where(up, cand, lo), jnp.where(up, c, c_lo)
         hi, c_hi = jnp.where(down, cand, hi), jnp.where(down, c, c_hi)
-        # One element off: the nearest score pins the exact threshold (or a tie) next step.
-        snap = active & (unit == 1) & ((c == k + 1) | (c == k - 1)) & ~done(lo, hi, c_lo, c_hi)
+        # One element off, the nearest score pins the exact threshold (or a tie) next step. A
+        # bracket that stopped shrinking closes onto the nearest score: on discrete or tied
+        # scores, interpolation between thresholds that count alike gets nowhere.
+        open_ = active & ~done(lo, hi, c_lo, c_hi)
+        off_by_one = open_ & (unit == 1) & ((c == k + 1) | (c == k - 1))
+        snap = off_by_one | (open_ & (since >= 2))
         upward = c < k
 
         def snapped(args):
             lo, hi = args
             value_key = to_key(nearest(cand, upward, scores))
             lo = jnp.where(snap & upward, value_key, lo)
-            hi = jnp.where(snap & ~upward, value_key + 1, hi)
-            return lo, hi, jnp.where(upward, value_key + 1, value_key)
+            hi = jnp.where(snap & ~upward, succ(value_key), hi)
+            return lo, hi, jnp.where(upward, succ(value_key), value_key)
 
         lo, hi, nxt = lax.cond(jnp.any(snap), snapped, lambda a: (*a, cand), (lo, hi))
         new_width = hi - lo
         halved = new_width <= ref_width // 2
         ref_width = jnp.where(halved, new_width, ref_width)
         since = jnp.where(halved | snap, 0, since + 1)
-        return (step + 1, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, snap, ref_width, since,
+        return (step + 1, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, off_by_one, ref_width, since,
                 lax.optimization_barrier(scores))
 
     zeros_i = jnp.zeros((num_groups,), jnp.int32)

@@ -37,6 +37,35 @@ def test_lowest_k_marks_exactly_k_lowest(x, k):
         assert ordered[marked].max() <= ordered[~marked].min()
 
 
+def _tied_scores(kind, rng):
+    shape = (40, 100)
+    if kind == "mostly_zero":  # magnitudes of an already pruned layer
+        return np.where(rng.random(shape) < 0.8, 0.0, np.abs(rng.normal(size=shape)))
+    if kind == "two_values":
+        return rng.integers(0, 2, shape) * 3.0
+    if kind == "quantized":
+        return np.round(np.abs(rng.normal(size=shape)) * 20)
+    if kind == "powers_of_two":
+        return 2.0 ** rng.integers(-60, 60, shape)
+    return np.abs(rng.normal(size=shape)) * 1e-28  # "below_tiny": all tie with zero
+
+
+@pytest.mark.parametrize("kind", ["mostly_zero", "two_values", "quantized", "powers_of_two",
+                                  "below_tiny"])
+def test_lowest_k_is_exact_on_tied_and_discrete_scores(kind):
+    """Ties at the threshold (one value, or zero and the scores that tie with it) are split by
+    position, so the count is exact for every k; the search closes onto the data values."""
+    x = _tied_scores(kind, np.random.default_rng(0)).astype(np.float32)
+    ordered = np.where(np.abs(x) < TINY, 0.0, x).ravel()
+    for k in [1, 4, 400, 2000, 3600, 3996, 3999]:
+        marked = np.asarray(_lowest_one(jnp.asarray(x), jnp.int32(k))).ravel()
+        assert marked.sum() == k
+        assert ordered[marked].max() <= ordered[~marked].min()
+        # Among the tied scores at the threshold, the first positions are taken.
+        tie = ordered == ordered[marked].max()
+        assert not np.any(~marked[tie][:-1] & marked[tie][1:])
+
+
 def test_lowest_k_breaks_ties_by_position():
     """Among equal scores the earlier positions are marked first."""
     marked = _lowest_one(jnp.zeros(48), jnp.int32(5))
