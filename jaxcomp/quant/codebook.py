@@ -139,7 +139,8 @@ def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x"
       A `Codebook`.
 
     Raises:
-      ValueError: naming `path` for bits outside 2..8, a non-float `x`, or NaN/Inf in `x`.
+      ValueError: naming `path` for bits outside 2..8, a non-float or empty `x`, or NaN/Inf
+        in `x`.
 
     Example:
         >>> np.asarray(kmeans_quantize(jnp.array([0.0, 0.3, 0.7, 1.0, 0.9]), bits=2).centroids).round(2)
@@ -151,6 +152,8 @@ def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x"
     check_finite(x, path)
     if iters < 0:
         raise ValueError(f"{path}: iters must be >= 0, got {iters!r}")
+    if x.size == 0:
+        raise ValueError(f"{path}: k-means needs at least one value, got shape {x.shape}")
     indices, centroids = _kmeans(x, 2**bits, int(iters))
     return Codebook(indices.astype(_index_dtype(bits)), centroids, bits, np.dtype(x.dtype), "kmeans")
 

@@ -9,7 +9,6 @@ feature. Like `qdot`, the strategy ("int8" or "dequantize") is measured once per
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -21,7 +20,12 @@ from jax import lax
 
 from jaxcomp.quant import tuning
 from jaxcomp.quant.fake import fake_quant
-from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, quantize_activations, timing_inputs
+from jaxcomp.quant.matmul import (
+    DEFAULT_ACTIVATIONS,
+    int8_without_zero_point,
+    quantize_activations,
+    timing_inputs,
+)
 from jaxcomp.quant.numerics import QuantParams, check_float, layout
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
@@ -47,10 +51,12 @@ def qconv(
 ) -> jax.Array:
     """`lax.conv_general_dilated(x, w)` for a quantized kernel, on int8 operands, int32 sums.
 
-    The weight must be symmetric with scales per tensor or per output feature; activations
-    are quantized per tensor (symmetric, or asymmetric when `lhs_dilation` is 1: the input is
-    then padded with its zero point so the padding stays an exact zero). Other cases, fp8 and
-    weight-only mode (`activations=None`) run in float with dequantized weights.
+    The integer path takes a symmetric weight of at most 8 bits that fits int8 (not uint8) with
+    scales per tensor or per output feature, and a per-tensor activation spec: symmetric, or
+    with a zero point (asymmetric, or uint8 shifted into int8) when `lhs_dilation` is 1 (the
+    input is then padded with its zero point so the padding stays an exact zero). Other cases,
+    fp8 and weight-only mode (`activations=None`) run in float with dequantized weights and
+    fake-quantized activations, so every spec gives what `fake_quant` gives.
 
     Args:
       x: float input in the layout of `dimension_numbers` (NHWC by default).
@@ -68,7 +74,8 @@ def qconv(
       The float convolution.
 
     Raises:
-      ValueError: naming `path` for a non-QArray `w`, a non-float `x` or an unknown strategy.
+      ValueError: naming `path` for a non-QArray `w`, a non-float `x`, an unknown strategy, or
+        a padding string with an `lhs_dilation` (as `lax.conv_general_dilated`).
 
     Example:
         >>> w = quantize(jnp.ones((3, 3, 2, 4)) * 0.5, QuantSpec(channel_axes=(-1,)))
@@ -87,6 +94,9 @@ def qconv(
     if not isinstance(padding, str):
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     n_spatial = len(dn.lhs_spec) - 2
+    if isinstance(padding, str) and any(d != 1 for d in lhs_dilation or ()):
+        raise ValueError(f"{path}: padding {padding!r} is not defined with lhs_dilation "
+                         f"{tuple(lhs_dilation)}; give explicit (low, high) pads")
     options = (tuple(window_strides), padding, tuple(lhs_dilation or (1,) * n_spatial),
                tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
     return _qconv_program(x, w, act_params, options, activations, strategy, out_dtype)
@@ -103,11 +113,17 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
     )
     lay_w = layout(kernel_shape, w.spec)
     out_axis = dn.rhs_spec[0]
+    # The integer path takes int8 weights without a zero point, scaled per output feature, and
+    # activations per tensor; an input zero point (asymmetric, or uint8 shifted into int8) is
+    # padded in exactly, which an input dilation would spread into its holes.
     int_ok = (
-        activations is not None and w.zero_point is None and not w.spec.is_fp8 and w.spec.bits <= 8
+        activations is not None and not w.spec.is_fp8 and w.spec.bits <= 8
+        and int8_without_zero_point(w.spec, w.zero_point)
         and not activations.is_fp8 and activations.bits <= 8 and lay_w.grouped_shape == lay_w.shape
         and all(d == 1 for a, d in enumerate(lay_w.params_shape) if a != out_axis)
-        and (activations.symmetric or all(d == 1 for d in lhs_dilation))
+        and not activations.channel_axes and activations.group_size is None
+        and (int8_without_zero_point(activations, None) and activations.symmetric
+             or all(d == 1 for d in lhs_dilation))
     )
     if strategy == "auto" and int_ok:
         strategy = _choose_conv_strategy(x, w, conv, padding, activations, act_params, out_dtype)
@@ -115,8 +131,7 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
         if activations is not None:
             x = fake_quant(x, activations, params=act_params, path=path)
         return conv(x, w.materialize().astype(out_dtype), padding=padding).astype(out_dtype)
-    per_tensor = dataclasses.replace(activations, channel_axes=(), group_size=None)
-    xq, sx, zx = quantize_activations(x, per_tensor, act_params, tuple(range(x.ndim)), path)
+    xq, sx, zx = quantize_activations(x, activations, act_params, tuple(range(x.ndim)), path)
     if isinstance(padding, str):
         in_spatial = [x.shape[a] for a in dn.lhs_spec[2:]]
         k_spatial = [(kernel_shape[a] - 1) * d + 1 for a, d in zip(dn.rhs_spec[2:], rhs_dilation)]

@@ -23,7 +23,9 @@ from jaxcomp.core import is_compressed
 from jaxcomp.quant.numerics import (
     Layout,
     QuantParams,
+    check_finite,
     check_float,
+    check_params,
     codes_from_grouped,
     from_grouped,
     layout,
@@ -83,27 +85,6 @@ def _fake_quant_bwd(spec, lay, ste, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def _check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
-    """Validates static params and broadcasts them to `lay.params_shape` (float32)."""
-    for name, value in (("scale", params.scale), ("zero_point", params.zero_point)):
-        if value is None:
-            continue
-        try:
-            shape = jnp.broadcast_shapes(jnp.shape(value), lay.params_shape)
-        except ValueError:
-            shape = None
-        if shape != lay.params_shape:
-            raise ValueError(
-                f"{path}: {name} of shape {jnp.shape(value)} does not broadcast to the "
-                f"quantization parameter shape {lay.params_shape} of an input of shape {lay.shape}"
-            )
-    scale = jnp.broadcast_to(jnp.asarray(params.scale, jnp.float32), lay.params_shape)
-    zero_point = params.zero_point
-    if zero_point is not None:
-        zero_point = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), lay.params_shape)
-    return QuantParams(scale, zero_point)
-
-
 def fake_quant(
     x: jax.Array,
     spec: QuantSpec,
@@ -130,9 +111,10 @@ def fake_quant(
       The fake-quantized array, same shape and dtype as `x`.
 
     Raises:
-      ValueError: naming `path` for a non-float `x`, an out-of-range axis, a group size that does
-        not divide its axis, stochastic rounding without a key, an unknown `ste`, or params of
-        the wrong shape.
+      ValueError: naming `path` for a non-float `x`, NaN/Inf in a concrete `x` with dynamic
+        ranges, an out-of-range axis, a group size that does not divide its axis, stochastic
+        rounding without a key, an unknown `ste`, params of the wrong shape, or concrete scales
+        that are not finite and positive.
 
     Example:
         >>> fake_quant(jnp.array([0.1, 0.26, -1.0]), QuantSpec(bits=4))
@@ -148,8 +130,10 @@ def _fake_quant_checked(x, spec, params, key, ste, path, *, barrier):
     check_float(x, path)
     x = jnp.asarray(x)
     lay = layout(x.shape, spec, path)
-    if params is not None:
-        params = _check_params(params, lay, path)
+    if params is None:
+        check_finite(x, path)  # a range taken from NaN/Inf would make every value NaN
+    else:
+        params = check_params(params, lay, path)
     rounding_noise(key, (), spec, path)  # validates the key
     if params is None and spec.signed and spec.symmetric:
         # A range taken from x itself clips nothing on a signed symmetric grid, so the clipped

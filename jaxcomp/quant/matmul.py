@@ -53,6 +53,12 @@ _STRATEGIES = ("auto", "int8", "int8_padded", "dequantize")
 DEFAULT_ACTIVATIONS = QuantSpec(bits=8)
 
 
+def int8_without_zero_point(spec: QuantSpec, zero_point: jax.Array | None) -> bool:
+    """Whether codes of `spec` run as int8 with no zero point: symmetric codes that fit int8
+    as they are (unsigned 8-bit codes get a zero point of -128 from the shift into int8)."""
+    return zero_point is None and (spec.signed or spec.bits < 8)
+
+
 def _int8_codes(codes: jax.Array, zero_point: jax.Array | None, spec: QuantSpec, path: str):
     """Codes as int8 plus the float zero point that goes with them (uint8 shifts by -128)."""
     if spec.is_fp8 or spec.bits > 8:
@@ -370,7 +376,8 @@ def _qdot_program(x, w: QArray, act_params, dims, activations, strategy, out_dty
         not xb and not w.spec.is_fp8 and w.spec.bits <= 8
         and not activations.is_fp8 and activations.bits <= 8
         and (_weight_scales_fit(w, wc)
-             or (grouped and len(wc) == 1 and g_axis == wc[0] and w.zero_point is None))
+             or (grouped and len(wc) == 1 and g_axis == wc[0]
+                 and int8_without_zero_point(w.spec, w.zero_point)))
     )
     if strategy == "auto":
         strategy = _choose_strategy(x, w, dims, activations, act_params, out_dtype) if int_ok else "dequantize"

@@ -131,6 +131,39 @@ def check_float(x: jax.typing.ArrayLike, path: str = "x") -> None:
         raise ValueError(f"{path}: expected a floating-point array, got dtype {dtype}")
 
 
+def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
+    """Validates static params and broadcasts them to `lay.params_shape` (float32).
+
+    Scales must broadcast to the parameter shape and, where concrete, be finite and positive
+    (a zero scale would collapse the grid). Zero points must broadcast likewise.
+
+    Raises:
+      ValueError: naming `path` and the offending shape or value.
+    """
+    for name, value in (("scale", params.scale), ("zero_point", params.zero_point)):
+        if value is None:
+            continue
+        try:
+            shape = jnp.broadcast_shapes(jnp.shape(value), lay.params_shape)
+        except ValueError:
+            shape = None
+        if shape != lay.params_shape:
+            raise ValueError(
+                f"{path}: {name} of shape {jnp.shape(value)} does not broadcast to the "
+                f"quantization parameter shape {lay.params_shape} of an input of shape {lay.shape}"
+            )
+    scale = jnp.broadcast_to(jnp.asarray(params.scale, jnp.float32), lay.params_shape)
+    if not isinstance(scale, jax.core.Tracer):
+        bad = ~(np.isfinite(np.asarray(scale)) & (np.asarray(scale) > 0))
+        if bad.any():
+            raise ValueError(f"{path}: scales must be finite and positive, got "
+                             f"{np.asarray(scale)[bad].ravel()[:4].tolist()}")
+    zero_point = params.zero_point
+    if zero_point is not None:
+        zero_point = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), lay.params_shape)
+    return QuantParams(scale, zero_point)
+
+
 def check_finite(x: jax.typing.ArrayLike, path: str = "x") -> None:
     """Raises `ValueError` naming `path` and the first bad value if a concrete `x` has NaN/Inf.
 
@@ -142,7 +175,7 @@ def check_finite(x: jax.typing.ArrayLike, path: str = "x") -> None:
     if isinstance(x, jax.core.Tracer):
         return
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
         return
     # Reduced on the device(s) holding x: only three scalars come back, never the array.
     count, first = jax.device_get(_non_finite(x))
@@ -187,14 +220,15 @@ def quant_range(x: jax.Array, spec: QuantSpec, lay: Layout | None = None) -> tup
     lay = lay or layout(x.shape, spec)
     xg = to_grouped(x, lay).astype(_compute_dtype(x.dtype))
     axes = lay.reduce_axes
+    # The range always holds zero, which is also the range of an empty array.
     if spec.symmetric:
         if spec.signed:
-            hi = jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
+            hi = jnp.max(jnp.abs(xg), axis=axes, keepdims=True, initial=0.0)
             return -hi, hi
-        hi = jnp.maximum(jnp.max(xg, axis=axes, keepdims=True), 0)
+        hi = jnp.max(xg, axis=axes, keepdims=True, initial=0.0)
         return jnp.zeros_like(hi), hi
-    lo = jnp.minimum(jnp.min(xg, axis=axes, keepdims=True), 0)
-    hi = jnp.maximum(jnp.max(xg, axis=axes, keepdims=True), 0)
+    lo = jnp.min(xg, axis=axes, keepdims=True, initial=0.0)
+    hi = jnp.max(xg, axis=axes, keepdims=True, initial=0.0)
     return lo, hi
 
 

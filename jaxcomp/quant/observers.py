@@ -147,7 +147,9 @@ class MinMaxObserver(Observer):
     """
 
     def batch_range(self, x, spec, lay):
-        return quant_range(x, dataclasses.replace(spec, symmetric=False, signed=True), lay)
+        xg = to_grouped(x, lay)
+        return (jnp.min(xg, axis=lay.reduce_axes, keepdims=True, initial=0.0),
+                jnp.max(xg, axis=lay.reduce_axes, keepdims=True, initial=0.0))
 
 
 def _running_mean(state: RangeState, lo: jax.Array, hi: jax.Array):
@@ -315,8 +317,10 @@ def calibrate(
         finite = jax.device_get({name: s.finite for name, s in states.items()})
         bad = [name for name, ok in finite.items() if not np.all(ok)]
         if bad:
-            tensors = jax.jit(collect)(batch)
-            for name in bad:
+            # Eagerly, so the tensors come in the order `collect` produced them (for layer
+            # inputs, execution order): the first one named is where the NaN/Inf came in.
+            tensors = collect(batch)
+            for name in (name for name in tensors if name in bad):
                 check_finite(tensors[name], f"{name} (calibration batch {index})")
             raise ValueError(f"calibration batch {index}: NaN/Inf in {bad}")
     if states is None:

@@ -25,6 +25,7 @@ from jaxcomp.quant.numerics import (
     QuantParams,
     check_finite,
     check_float,
+    check_params,
     dequantize_codes,
     layout,
     quant_params,
@@ -204,7 +205,8 @@ def quantize(
 
     Raises:
       ValueError: naming `path` for a non-float `x`, NaN/Inf in a concrete `x`, an out-of-range
-        axis, a group size that does not divide its axis, or stochastic rounding without a key.
+        axis, a group size that does not divide its axis, stochastic rounding without a key, or
+        `params` of the wrong shape or with scales that are not finite and positive.
 
     Example:
         >>> quantize(jnp.array([0.6, -1.0]), QuantSpec(bits=4)).values
@@ -213,7 +215,9 @@ def quantize(
     check_float(x, path)
     x = jnp.asarray(x)
     check_finite(x, path)
-    layout(x.shape, spec, path)  # validates axes and groups, naming the path
+    lay = layout(x.shape, spec, path)  # validates axes and groups, naming the path
+    if params is not None:
+        params = check_params(params, lay, path)
     rounding_noise(key, (), spec, path)  # validates the key for stochastic rounding
     return _quantize(x, params, key, spec)
 

@@ -74,14 +74,24 @@ class QuantSpec:
     fp8: Literal["e4m3", "e5m2"] | None = None
 
     def __post_init__(self):
-        if isinstance(self.channel_axes, (int, np.integer)):
-            object.__setattr__(self, "channel_axes", (int(self.channel_axes),))
-        elif isinstance(self.channel_axes, Sequence):
-            object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        axes = self.channel_axes
+        if is_int(axes):
+            object.__setattr__(self, "channel_axes", (int(axes),))
+        elif isinstance(axes, Sequence) and not isinstance(axes, str) and all(map(is_int, axes)):
+            object.__setattr__(self, "channel_axes", tuple(int(a) for a in axes))
         else:
-            raise ValueError(f"channel_axes must be an int or a tuple of ints, got {self.channel_axes!r}")
-        if isinstance(self.bits, bool) or self.bits not in _VALID_BITS:
-            raise ValueError(f"bits must be one of 2..8 or 16, got {self.bits!r}")
+            raise ValueError(f"channel_axes must be an int or a tuple of ints, got {axes!r}")
+        if not is_int(self.bits) or self.bits not in _VALID_BITS:
+            raise ValueError(f"bits must be one of 2..8 or 16 (an int), got {self.bits!r}")
+        for name in ("signed", "symmetric"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if not is_int(self.group_axis):
+            raise ValueError(f"group_axis must be an int, got {self.group_axis!r}")
         if self.rounding not in _ROUNDING:
             raise ValueError(f"rounding must be one of {_ROUNDING}, got {self.rounding!r}")
         if len(set(self.channel_axes)) != len(self.channel_axes):

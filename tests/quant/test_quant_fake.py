@@ -72,6 +72,14 @@ def test_params_of_the_wrong_shape_and_unknown_ste_are_rejected():
         fake_quant(jnp.ones((4, 3)), QuantSpec(channel_axes=(-1,)), params=QuantParams(jnp.ones(4)))
     with pytest.raises(ValueError, match="ste must be"):
         fake_quant(jnp.ones(3), QuantSpec(), ste="smooth")
+    with pytest.raises(ValueError, match="x: scales must be finite and positive, got \\[0.0\\]"):
+        fake_quant(jnp.ones(3), QuantSpec(), params=QuantParams(jnp.float32(0.0)))
+
+
+def test_a_concrete_non_finite_input_with_dynamic_ranges_is_rejected():
+    """A range taken from Inf would turn every value into NaN: eager calls raise instead."""
+    with pytest.raises(ValueError, match=r"k: 1 NaN/Inf value\(s\), e.g. inf at index \(1,\)"):
+        fake_quant(jnp.array([1.0, jnp.inf]), QuantSpec(), path="k")
 
 
 PARAMS = {

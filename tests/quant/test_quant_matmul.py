@@ -1,5 +1,7 @@
 """Integer matmul and convolution: equal to fake-quant float math, on int8 operands."""
 
+import functools
+
 import chex
 import jax
 import jax.extend
@@ -185,3 +187,31 @@ def test_qconv_grouped_convolution_and_weight_only_mode():
     ref = lax.conv_general_dilated(x, w.materialize(), (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
     chex.assert_trees_all_close(plain, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_qconv_unsigned_per_row_and_dilated_operands_match_the_float_reference():
+    """Operands the int8 convolution cannot take exactly (uint8 kernels, per-example activation
+    scales, a zero point under input dilation) give the fake-quant reference anyway."""
+    conv = functools.partial(lax.conv_general_dilated, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    pads = ((1, 1), (1, 1))
+    cases = [
+        (QuantSpec(signed=False, channel_axes=(-1,)), QuantSpec(), dict(window_strides=(1, 1), padding=pads)),
+        (PER_CHANNEL, QuantSpec(channel_axes=(0,)), dict(window_strides=(1, 1), padding=pads)),
+        (PER_CHANNEL, QuantSpec(signed=False), dict(window_strides=(1, 1), padding=pads, lhs_dilation=(2, 2))),
+    ]
+    for w_spec, act_spec, options in cases:
+        w = quantize(CONV_W, w_spec)
+        ref = conv(fake_quant(CONV_X, act_spec), w.materialize(), **options)
+        out = qconv(CONV_X, w, activations=act_spec, strategy="int8", **options)
+        assert out.shape == ref.shape
+        chex.assert_trees_all_close(out, ref, atol=3e-5, rtol=3e-5)
+    with pytest.raises(ValueError, match="x: padding 'SAME' is not defined with lhs_dilation"):
+        qconv(CONV_X, quantize(CONV_W, PER_CHANNEL), window_strides=(1, 1), padding="SAME",
+              lhs_dilation=(2, 2))
+
+
+def test_qdot_unsigned_grouped_weights_match_the_float_reference():
+    """uint8 weights with per-group scales (a zero point after the shift into int8) are exact."""
+    w = quantize(jnp.abs(W), QuantSpec(signed=False, group_size=4, channel_axes=(-1,)))
+    ref = fake_quant(X, QuantSpec()) @ w.materialize()
+    chex.assert_trees_all_close(qdot(X, w, strategy="int8"), ref, atol=1e-4, rtol=1e-4)

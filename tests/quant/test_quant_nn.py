@@ -279,3 +279,36 @@ def test_nnx_attention_serves_its_linear_general_projections_on_int8():
     products = _int_products(lambda x: model(x), x)
     assert sum(p == (jnp.int8, jnp.int8) for p in products) == 4
     chex.assert_trees_all_close(_forward(model, x), ref, atol=0.05)
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_nnx_serving_carries_learned_steps_and_clips(method):
+    """serve_nnx on LSQ / PACT wrappers serves the learned grid (as trained, to float error)."""
+    spec = QuantSpec(signed=False) if method == "pact" else ACT
+    model = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), spec, method=method), [X])
+    qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    graphdef, state = nnx.split(model)
+    ref = _forward(nnx.merge(graphdef, nnx.merge_state(state, jaxcomp.materialize(qstate))), X)
+    serve_nnx(model, qstate, strategy="int8")
+    chex.assert_trees_all_close(_forward(model, X), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nnx_serving_writes_other_quantized_leaves_materialized():
+    """A quantized leaf no served layer computes on (an Embed table) runs on its dequantized
+    values, so the served model computes what the quantized tree does."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.emb = nnx.Embed(20, 8, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+
+        def __call__(self, t):
+            return self.head(self.emb(t))
+
+    tokens = jnp.arange(6).reshape(2, 3)
+    model, ref_model = Net(), Net()
+    qstate = quantize_tree(nnx.state(model, nnx.Param), QuantSpec(bits=2, channel_axes=(-1,)),
+                           where=r".*kernel|.*embedding")
+    nnx.update(ref_model, jaxcomp.materialize(qstate))
+    serve_nnx(model, qstate, activations=None)
+    chex.assert_trees_all_close(model(tokens), ref_model(tokens), atol=1e-5, rtol=1e-5)

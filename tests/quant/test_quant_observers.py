@@ -98,6 +98,21 @@ def test_calibrate_returns_params_per_name_and_names_a_bad_batch():
         calibrate(lambda b: {"x": b}, [], QuantSpec())
 
 
+def test_calibrate_names_the_first_tensor_that_received_a_nan():
+    """The tensor named is the first one `collect` produced with a NaN (for layer inputs, the
+    layer where it came in), not the first in alphabetical order."""
+    bad = BATCHES[0].at[0, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"z_first \(calibration batch 0\).*index \(0, 1\)"):
+        calibrate(lambda b: {"z_first": b, "a_late": b.sum(axis=1, keepdims=True)}, [bad], QuantSpec())
+
+
+def test_fp8_specs_calibrate_with_every_range_observer():
+    """fp8 activations calibrate with the default min-max and the EMA observers."""
+    for observer in (MinMaxObserver(), EMAObserver()):
+        params = calibrate(lambda b: {"x": b}, BATCHES, QuantSpec(fp8="e4m3"), observer=observer)
+        assert np.isfinite(np.asarray(params["x"].scale)).all()
+
+
 def test_observer_configuration_is_validated():
     """Out-of-range observer settings raise ValueError."""
     with pytest.raises(ValueError, match="percentile"):

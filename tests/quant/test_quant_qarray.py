@@ -109,3 +109,19 @@ def test_quantize_with_static_params_uses_them():
     q = quantize(jnp.array([0.2, 5.0]), QuantSpec(), params=QuantParams(jnp.float32(0.1)))
     np.testing.assert_array_equal(q.values, [2, 50])
     assert isinstance(q, QArray)
+
+
+def test_quantize_checks_static_params_and_takes_empty_arrays():
+    """Static params of the wrong shape or with a zero/negative/NaN scale raise naming the path;
+    an empty array quantizes to an empty QArray (its range is zero, so its scale is 1)."""
+    from jaxcomp.quant import QuantParams
+
+    spec = QuantSpec(channel_axes=(-1,))
+    with pytest.raises(ValueError, match=r"Dense_0/kernel: scale of shape \(8,\)"):
+        quantize(jnp.ones((8, 4)), spec, params=QuantParams(jnp.ones(8)), path="Dense_0/kernel")
+    for bad in (0.0, -1.0, jnp.nan):
+        with pytest.raises(ValueError, match="k: scales must be finite and positive"):
+            quantize(jnp.ones((8, 4)), spec, params=QuantParams(jnp.full(4, bad)), path="k")
+    q = quantize(jnp.zeros((0, 4)), spec)
+    assert q.materialize().shape == (0, 4)
+    np.testing.assert_array_equal(q.scale, np.ones((1, 4)))

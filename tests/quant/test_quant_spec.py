@@ -46,6 +46,12 @@ def test_grid_and_storage_dtype_follow_bits_sign_and_symmetry(kwargs, grid, dtyp
         (dict(fp8="e4m3", bits=4), "fp8"),
         (dict(fp8="e4m3", symmetric=False), "fp8"),
         (dict(fp8="e4m3", rounding="stochastic"), "fp8"),
+        (dict(bits=8.0), "bits"),
+        (dict(channel_axes=(1.5,)), "channel_axes"),
+        (dict(channel_axes="-1"), "channel_axes"),
+        (dict(signed=None), "signed"),
+        (dict(symmetric="yes"), "symmetric"),
+        (dict(group_size=4, group_axis=0.0), "group_axis"),
     ],
 )
 def test_invalid_spec_raises_value_error_naming_the_value(kwargs, match):

@@ -10,6 +10,7 @@ Dense / DenseGeneral / Conv / Einsum call (`fake_quant_inputs`), records those i
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -86,7 +87,8 @@ def fake_quant_inputs(
       steps: `{module path: LSQ step}` from `init_input_steps_linen` (learned step sizes).
       alphas: `{module path: PACT alpha}` (learned clips).
       ste: "clipped" or "plain" (dynamic and static ranges).
-      key: PRNG key for stochastic rounding (dynamic ranges only).
+      key: PRNG key for stochastic rounding (dynamic ranges only); each layer folds in a
+        hash of its path, so layers draw independent noise.
       modules: the layer classes intercepted.
 
     Raises:
@@ -113,7 +115,10 @@ def fake_quant_inputs(
         if not selected(path, module):
             return next_fun(*args, **kwargs)
         x, rebuild = _input_and_rest(args, kwargs)
-        x = _quantize_input(x, spec, path, params=params, steps=steps, alphas=alphas, ste=ste, key=key)
+        # Each layer rounds with its own noise: the key folded with a hash of its path.
+        layer_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) >> 1)
+        x = _quantize_input(x, spec, path, params=params, steps=steps, alphas=alphas, ste=ste,
+                            key=layer_key)
         new_args, new_kwargs = rebuild(x)
         return next_fun(*new_args, **new_kwargs)
 

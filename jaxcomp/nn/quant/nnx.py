@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcomp.core import materialize
 from jaxcomp.nn.quant.common import ModuleWhere, module_matcher
 from jaxcomp.quant import layers
 from jaxcomp.quant.fake import fake_quant
@@ -190,7 +191,7 @@ def _wrappers(model: nnx.Module) -> list[QuantizedInput]:
 
 def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module:
     """Observes the inputs of every `QuantizedInput` over `batches` and sets its static range
-    ("static"), LSQ step ("lsq", `2 mean|x| / sqrt(qmax)` of the first batch) or PACT clip
+    ("static"), LSQ step ("lsq", `2 mean|x| / sqrt(qmax)` over all the batches) or PACT clip
     ("pact", the observed maximum). Observation runs under `nnx.jit`. Returns `model` (updated in place).
 
     Raises:
@@ -313,6 +314,8 @@ def serve_nnx(
 ) -> nnx.Module:
     """NNX: replaces every layer whose kernel is a `QArray` in `qstate` by a `QuantizedLayer`
     (in place; returns `model`). A `QuantizedInput` with calibrated static ranges passes them on.
+    The other leaves of `qstate` are written into the model, materialized: biases, and quantized
+    leaves that no served layer computes on (an `Embed` table runs on its dequantized values).
 
     Args:
       model: the NNX model.
@@ -334,6 +337,9 @@ def serve_nnx(
         (2, 3)
     """
     kernels = {p: leaf for p, leaf in path_dict(qstate).items() if isinstance(leaf, QArray)}
+    # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
+    # as its dense value, so the served model computes what the quantized tree does.
+    nnx.update(model, materialize(qstate))
 
     def replace(path, child):
         if isinstance(child, QuantizedInput) and isinstance(child.layer, modules):
@@ -348,9 +354,10 @@ def serve_nnx(
             elif method in ("lsq", "pact"):
                 # The learned step (or clip) is a static grid: serve exactly what was trained.
                 spec = child.config.spec
-                learned = {"lsq": lsq_as_static({"": child.step.get_value()}),
-                           "pact": pact_as_static({"": child.alpha.get_value()}, spec)}[method]
-                params = learned[""]
+                if method == "lsq":
+                    params = lsq_as_static({"": child.step.get_value()})[""]
+                else:
+                    params = pact_as_static({"": child.alpha.get_value()}, spec)[""]
             return QuantizedLayer(child.layer, kernel, activations=spec, act_params=params,
                                   strategy=strategy)
         if isinstance(child, modules) and f"{path}/kernel" in kernels:
