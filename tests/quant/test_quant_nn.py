@@ -312,3 +312,25 @@ def test_nnx_serving_writes_other_quantized_leaves_materialized():
     nnx.update(ref_model, jaxcomp.materialize(qstate))
     serve_nnx(model, qstate, activations=None)
     chex.assert_trees_all_close(model(tokens), ref_model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_linen_calibration_of_layers_inside_nn_scan_says_why_it_cannot():
+    """Inputs traced inside nn.scan cannot leave it: a ValueError says so (no leaked tracer)."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(8)(x)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return scan()(x, None)[0]
+
+    model, x = Stack(), jnp.ones((2, 8))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="calibrate_linen: a selected layer runs inside a Flax lifted"):
+        calibrate_linen(model, variables, [x], ACT)
+    with pytest.raises(ValueError, match="init_input_steps_linen: a selected layer runs inside"):
+        init_input_steps_linen(model, variables, x, ACT)

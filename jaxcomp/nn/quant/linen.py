@@ -126,6 +126,20 @@ def fake_quant_inputs(
         yield
 
 
+@contextlib.contextmanager
+def _no_lifted_layers(caller: str):
+    """Layers inside a Flax lifted transform (nn.scan, nn.vmap, ...) see inputs traced by that
+    transform, which an interceptor cannot carry out of it: say so instead of leaking them."""
+    try:
+        yield
+    except jax.errors.UnexpectedTracerError as error:
+        raise ValueError(
+            f"{caller}: a selected layer runs inside a Flax lifted transform (nn.scan, nn.vmap, "
+            "nn.remat_scan...), whose inputs cannot be observed from outside it; select the "
+            "layers outside it with where=, or calibrate the unlifted model"
+        ) from error
+
+
 def _collect_linen_inputs(model, variables, batch, where, modules, apply_kwargs):
     selected = module_matcher(where)
     found: dict[str, list[jax.Array]] = {}
@@ -188,9 +202,11 @@ def calibrate_linen(
         return _collect_linen_inputs(model, variables, batch, where, modules, kwargs)
 
     batches = list(batches)
-    if batches and not jax.eval_shape(collect, batches[0]):
-        raise ValueError(f"calibrate_linen: where={where!r} selects no {[m.__name__ for m in modules]} layer")
-    return calibrate(collect, batches, spec, observer=observer)
+    with _no_lifted_layers("calibrate_linen"):
+        if batches and not jax.eval_shape(collect, batches[0]):
+            raise ValueError(f"calibrate_linen: where={where!r} selects no "
+                             f"{[m.__name__ for m in modules]} layer")
+        return calibrate(collect, batches, spec, observer=observer)
 
 
 def init_input_steps_linen(
@@ -214,8 +230,9 @@ def init_input_steps_linen(
         >>> init_input_steps_linen(model, variables, jnp.ones((2, 4)), QuantSpec(bits=8))[""].shape
         (1, 1)
     """
-    inputs = jax.jit(lambda b: _collect_linen_inputs(
-        model, materialize(dict(variables)), b, where, modules, dict(apply_kwargs or {})))(batch)
+    with _no_lifted_layers("init_input_steps_linen"):
+        inputs = jax.jit(lambda b: _collect_linen_inputs(
+            model, materialize(dict(variables)), b, where, modules, dict(apply_kwargs or {})))(batch)
     if not inputs:
         raise ValueError(f"init_input_steps_linen: where={where!r} selects no layer")
     return {path: lsq_init(x, spec, path) for path, x in inputs.items()}
