@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fractions
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -108,7 +109,9 @@ class ActivationSparsity:
         """How many activations of an axis of length `n` top-k keeps."""
         if self.top_k is not None:
             return min(self.top_k, n)
-        return min(n, max(1, math.ceil(self.keep_fraction * n)))
+        # In decimal, as written: in binary 0.07 * 100 is 7.000000000000001, whose ceil is 8.
+        fraction = fractions.Fraction(repr(float(self.keep_fraction)))
+        return min(n, max(1, math.ceil(fraction * n)))
 
 
 def sparsify_activation(x: jax.Array, config: ActivationSparsity,
@@ -160,7 +163,9 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
       inside a jitted loss and the dict be returned as an auxiliary output.
 
     Raises:
-      ValueError: (when the model runs) if a matching module's output is not an array.
+      ValueError: (when the model runs) if a matching module's output is not an array; at the
+        end of the block, if modules ran but `where` matched none of them (the message lists
+        their paths).
 
     Example:
         >>> import flax.linen as nn
@@ -174,6 +179,7 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
     """
     sums: dict[str, list[Any]] = {}
     stats: dict[str, jax.Array] = {}
+    seen: list[str] = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -181,6 +187,8 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
             return out
         module = context.module
         path = "/".join(str(p) for p in module.path) if module.scope is not None else ""
+        if path not in seen:
+            seen.append(path)
         if not config.matches(path, module):
             return out
         if not isinstance(out, jax.Array):
@@ -194,6 +202,10 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
 
     with nn.intercept_methods(interceptor):
         yield stats
+    # A block that ran no module (a cached jit call) cannot tell a typo from a no-op.
+    if seen and not stats:
+        raise ValueError(f"ActivationSparsity where={config.where!r} matches no module that ran; "
+                         f"paths: {seen[:40]}")
 
 
 class ActivationSparsityStat(nnx.Variable):

@@ -139,6 +139,39 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+class UnitWeights:
+    """Per-element weights of one leaf (e.g. the weights each block holds), hashable so the
+    jitted search can take them as a static argument."""
+
+    def __init__(self, weights: np.ndarray):
+        self.array = np.asarray(weights, np.int32)
+        self._key = (self.array.shape, self.array.tobytes())
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, UnitWeights) and self._key == other._key
+
+
+Weight = int | UnitWeights
+
+
+def _total(s: jax.Array, w: Weight) -> int:
+    return int(w.array.sum()) if isinstance(w, UnitWeights) else s.size * w
+
+
+def _largest(w: Weight) -> int:
+    return int(w.array.max(initial=1)) if isinstance(w, UnitWeights) else w
+
+
+def _weighted_count(marked: jax.Array, w: Weight) -> jax.Array:
+    """Total weight of the marked elements, as an exact int32."""
+    if isinstance(w, UnitWeights):
+        return jnp.sum(jnp.where(marked, jnp.asarray(w.array), 0))
+    return count_true(marked) * w
+
+
 def _one_per_group(groups: Sequence[int], num_groups: int) -> bool:
     return tuple(groups) == tuple(range(num_groups))
 
@@ -177,7 +210,7 @@ def _sample(x: jax.Array, size: int) -> jax.Array:
 def _sample_bracket(
     scores: list[jax.Array],
     groups: Sequence[int],
-    weights: Sequence[int],
+    weights: Sequence[Weight],
     k: jax.Array,
     totals: np.ndarray,
 ) -> tuple[jax.Array, jax.Array]:
@@ -192,9 +225,9 @@ def _sample_bracket(
     samples: list[list[jax.Array]] = [[] for _ in range(num_groups)]
     masses: list[list[np.ndarray]] = [[] for _ in range(num_groups)]
     for s, g, w in zip(scores, groups, weights):
-        sample = _sample(s, max(1, round(per_group * s.size * w / totals[g])))
+        sample = _sample(s, max(1, round(per_group * _total(s, w) / totals[g])))
         samples[g].append(sample)
-        masses[g].append(np.full(sample.shape[0], s.size * w / sample.shape[0], np.float32))
+        masses[g].append(np.full(sample.shape[0], _total(s, w) / sample.shape[0], np.float32))
     width = max(sum(x.shape[0] for x in group) for group in samples)
     values, mass = [], np.zeros((num_groups, width), np.float32)
     for g in range(num_groups):
@@ -226,11 +259,11 @@ def _sample_bracket(
 def _search(
     scores: list[jax.Array],
     groups: Sequence[int],
-    weights: Sequence[int],
+    weights: Sequence[Weight],
     k: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, list[jax.Array]]:
     """Per group, keys lo < hi with c(lo) <= k <= c(hi) and c(lo) == k, c(hi) == k, or nothing
-    between them to split (hi == lo + 1); weighted groups stop once one unit spans the gap.
+    between them to split (hi == lo + 1).
 
     c(key) is the weighted count of scores strictly below `from_key(key)`.
     """
@@ -239,17 +272,18 @@ def _search(
     totals = np.zeros(num_groups, np.int64)
     unit = np.ones(num_groups, np.int32)
     for s, g, w in zip(scores, groups, weights):
-        totals[g] += s.size * w
-        unit[g] = max(unit[g], w)
+        totals[g] += _total(s, w)
+        unit[g] = max(unit[g], _largest(w))
     if totals.max() >= 2**31:
         raise ValueError(f"a group of pruned leaves holds {int(totals.max())} elements; at most "
                          "2**31 - 1 are supported")
-    weight = np.asarray(weights, np.int32)
     target = k.astype(jnp.float32) + 0.5
 
     def counts(keys: jax.Array, scores: list[jax.Array]) -> jax.Array:
         thresholds = from_key(keys)[groups_arr]
-        per_leaf = [count_below(s, thresholds[i]) * weight[i] for i, s in enumerate(scores)]
+        per_leaf = [count_below(s, thresholds[i]) if w == 1
+                    else _weighted_count(below(s, thresholds[i]) > 0, w)
+                    for i, (s, w) in enumerate(zip(scores, weights))]
         return _group_sum(per_leaf, groups, num_groups)
 
     def nearest(keys: jax.Array, upward: jax.Array, scores: list[jax.Array]) -> jax.Array:
@@ -275,7 +309,7 @@ def _search(
     queued = jnp.stack([~jnp.isnan(sample_lo), ~jnp.isnan(sample_hi)], axis=1)
 
     def done(lo, hi, c_lo, c_hi):
-        return (c_lo == k) | (c_hi == k) | (hi <= succ(lo)) | ((unit > 1) & (c_hi - c_lo <= unit))
+        return (c_lo == k) | (c_hi == k) | (hi <= succ(lo))
 
     def cond(state):
         step, lo, hi, c_lo, c_hi = state[:5]
@@ -348,14 +382,16 @@ def _search(
 def _tie_cutoffs(
     scores: list[jax.Array],
     groups: Sequence[int],
+    weights: Sequence[Weight],
     tie_value: jax.Array,
     need: jax.Array,
 ) -> list[jax.Array]:
     """Per leaf, the index j such that the ties (score == tie_value of its group) at positions
-    below j are the first `need` ties of the group in (leaf, position) order."""
+    below j are the first ties of the group in (leaf, position) order whose weight is nearest
+    `need` (exactly `need` ties when unweighted)."""
     groups_arr = np.asarray(groups)
     ties = [s == tie_value[g] for s, g in zip(scores, groups)]
-    tie_counts = [count_true(t) for t in ties]
+    tie_counts = [_weighted_count(t, w) for t, w in zip(ties, weights)]
     # Ties left for each leaf after the earlier leaves of its group took theirs.
     before = []
     running: dict[int, jax.Array] = {}
@@ -364,7 +400,7 @@ def _tie_cutoffs(
         running[g] = before[-1] + c
     wanted = [jnp.clip(need[g] - b, 0, c) for g, b, c in zip(groups_arr, before, tie_counts)]
 
-    def cutoff(tie: jax.Array, want: jax.Array, count: jax.Array) -> jax.Array:
+    def cutoff(tie: jax.Array, w: Weight, want: jax.Array, count: jax.Array) -> jax.Array:
         # A leaf takes none or all of its ties, except at most one per group, which takes its
         # first `want`: only that leaf pays for the search on positions (by counting, so it
         # shards like the leaf; a running sum would gather it).
@@ -374,18 +410,24 @@ def _tie_cutoffs(
             def body(_, bounds):
                 lo, hi = bounds
                 mid = (lo + hi) // 2
-                enough = count_true(tie & (index < mid)) >= want
+                enough = _weighted_count(tie & (index < mid), w) >= want
                 return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
 
             steps = int(math.ceil(math.log2(tie.size + 1))) + 1
-            return lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(tie.size)))[1]
+            end = lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(tie.size)))[1]
+            if not isinstance(w, UnitWeights):
+                return end
+            # The tie at end - 1 crosses `want`: leave it out when that lands nearer.
+            over = _weighted_count(tie & (index < end), w)
+            last = _weighted_count(index == end - 1, w)
+            return jnp.where(over - want < want - (over - last), end, end - 1)
 
         def all_or_none(tie):
             return jnp.where(want > 0, jnp.int32(tie.size), jnp.int32(0))
 
         return lax.cond((want > 0) & (want < count), split, all_or_none, tie)
 
-    return [cutoff(t, w, c) for t, w, c in zip(ties, wanted, tie_counts)]
+    return [cutoff(t, w, want, c) for t, w, want, c in zip(ties, weights, wanted, tie_counts)]
 
 
 def lowest_k(
@@ -393,48 +435,54 @@ def lowest_k(
     k: jax.Array,
     *,
     groups: Sequence[int] | None = None,
-    weights: Sequence[int] | None = None,
+    weights: Sequence[jax.typing.ArrayLike] | None = None,
 ) -> list[jax.Array]:
     """Marks the k lowest scores of each group of leaves (True = among the lowest).
+
+    Scores rank by (score, leaf, position): ties at the threshold are split by position.
 
     Args:
       scores: arrays (any shapes); NaN counts as the lowest score.
       k: int array of shape (num_groups,): how many elements (weighted) each group marks.
       groups: the group of each leaf (default: one group per leaf).
-      weights: elements each score stands for, per leaf (default 1). With weights, ties at the
-        threshold are all marked (the count may exceed k by less than one tie group); without,
-        ties are split by position and exactly k elements are marked.
+      weights: elements each score stands for, per leaf: an int, or a concrete int array of
+        the leaf's shape (default 1). Unweighted groups mark exactly k elements; weighted ones
+        the shortest prefix of that order whose weight is nearest k (the shorter on a draw).
 
     Returns:
       One bool array per leaf.
     """
     groups = tuple(range(len(scores))) if groups is None else tuple(int(g) for g in groups)
-    weights = (1,) * len(scores) if weights is None else tuple(int(w) for w in weights)
+    weights = (1,) * len(scores) if weights is None else tuple(
+        _as_weight(w, s) for w, s in zip(weights, scores))
     # Jitted as a whole: called eagerly, its many small operations would each dispatch alone.
     return _lowest_k(list(scores), jnp.asarray(k, jnp.int32), groups, weights)
+
+
+def _as_weight(weights: jax.typing.ArrayLike, scores: jax.Array) -> Weight:
+    array = np.broadcast_to(np.asarray(weights, np.int64), np.shape(scores))
+    if array.size and np.all(array == array.flat[0]):
+        return int(array.flat[0])
+    return UnitWeights(array)
 
 
 # One search serves every group at once (its control logic is vectorized over groups), which
 # keeps the compiled program small however many leaves are pruned separately.
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _lowest_k(
-    scores: list[jax.Array], k: jax.Array, groups: tuple[int, ...], weights: tuple[int, ...]
+    scores: list[jax.Array], k: jax.Array, groups: tuple[int, ...], weights: tuple[Weight, ...]
 ) -> list[jax.Array]:
     scores = [sanitize(s) for s in scores]
-    num_groups = k.shape[0]
-    weighted = np.zeros(num_groups, bool)
-    for g, w in zip(groups, weights):
-        weighted[g] |= w != 1
     lo_key, hi_key, c_lo, c_hi, scores = _search(scores, groups, weights, k)
-    at_hi = (c_hi == k) | ((c_lo != k) & jnp.asarray(weighted))
+    at_hi = c_hi == k
     threshold = jnp.where(at_hi, from_key(hi_key), from_key(lo_key))
     marked = [below(s, threshold[g]) > 0 for s, g in zip(scores, groups)]
-    # Unweighted groups whose k-th and (k+1)-th scores are equal: first ties by position.
+    # Groups whose k-th and (k+1)-th scores are equal: first ties by position.
     need = jnp.where(at_hi | (c_lo == k), 0, k - c_lo)
     tie_value = from_key(lo_key)
 
     def split_ties(marked):
-        cutoffs = _tie_cutoffs(scores, groups, tie_value, need)
+        cutoffs = _tie_cutoffs(scores, groups, weights, tie_value, need)
         return [
             m | ((s == tie_value[g]) & (flat_index(s.shape) < j))
             for m, s, g, j in zip(marked, scores, groups, cutoffs)

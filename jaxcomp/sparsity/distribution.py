@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.sparsity._select import lowest_k
-from jaxcomp.sparsity.schedules import check_sparsity
+from jaxcomp.sparsity._select import flat_index, lowest_k
+from jaxcomp.sparsity.schedules import check_array_sparsity, check_sparsity
 
 __all__ = [
     "Distribution",
@@ -141,8 +141,9 @@ class ERK(Distribution):
 class GlobalThreshold(Distribution):
     """One score threshold across all the leaves of a rule; the total sparsity matches.
 
-    Structured units (blocks, channels) count as the weights they hold, so the target is a
-    fraction of weights.
+    Structured units (blocks, channels) count as the weights they hold (edge blocks fewer), so
+    the target is a fraction of weights: the prefix of the units in (score, leaf, position) order
+    whose weight is nearest the target is pruned. Every leaf keeps its highest-scoring unit.
 
     Example:
         >>> GlobalThreshold().shared_threshold
@@ -231,13 +232,28 @@ def erk_sparsities(
     return {p: float(v) for p, v in zip(paths, np.asarray(values))}
 
 
+def keep_best(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`scores` with its highest one (the first, on ties; NaN lowest) raised to +inf, so that a
+    shared threshold below 1 keeps at least that element of the leaf; and where it is."""
+    if scores.size == 0:
+        return scores, jnp.zeros(scores.shape, bool)
+    ranked = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    # Two reductions, not argmax, which XLA partitions by gathering the leaf.
+    index = flat_index(scores.shape)
+    first = jnp.min(jnp.where(ranked == jnp.max(ranked), index, scores.size))
+    best = index == first
+    return jnp.where(best, jnp.asarray(jnp.inf, scores.dtype), scores), best
+
+
 def global_threshold_masks(scores: Any, sparsity: jax.typing.ArrayLike) -> Any:
     """Keep-masks pruning the round(sparsity * total) lowest scores across every leaf of `scores`.
 
-    The threshold is found by counting scores below candidate thresholds (a few passes over the
-    leaves, each a reduction), never by sorting or concatenating them, so the extra memory is a
-    few scalars per leaf and it runs on sharded leaves as they are. Ties at the threshold are
-    broken by position, so exactly round(sparsity * total) elements are pruned.
+    Every leaf keeps at least its highest score, so a sparsity below 1 never empties a leaf (the
+    count is capped at total - number of leaves). The threshold is found by counting scores
+    below candidate thresholds (a few passes over the leaves, each a reduction), never by sorting
+    or concatenating them, so the extra memory is a few scalars per leaf and it runs on sharded
+    leaves as they are. Ties at the threshold are broken by position, so exactly that many
+    elements are pruned. Scores of magnitude below 2**-98 (about 3e-30) count as 0.
 
     Args:
       scores: a tree of score arrays (`None` leaves are skipped).
@@ -254,13 +270,14 @@ def global_threshold_masks(scores: Any, sparsity: jax.typing.ArrayLike) -> Any:
         >>> masks
         {'a': Array([False,  True], dtype=bool), 'b': Array([False,  True], dtype=bool)}
     """
-    if isinstance(sparsity, (int, float)):
-        check_sparsity(sparsity)
+    check_array_sparsity(sparsity)
     flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
     if not flat:
         raise ValueError("global_threshold_masks: the scores tree has no leaves")
-    leaves = [leaf for _, leaf in flat]
+    leaves = [keep_best(jnp.asarray(leaf))[0] for _, leaf in flat]
     total = sum(leaf.size for leaf in leaves)
-    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * total).astype(jnp.int32)
-    pruned = lowest_k(leaves, k[None], groups=[0] * len(leaves))
+    kept = sum(leaf.size > 0 for leaf in leaves)
+    k = jnp.minimum(jnp.round(jnp.asarray(sparsity, jnp.float32) * total), total - kept)
+    pruned = lowest_k(leaves, jnp.maximum(k, 0).astype(jnp.int32)[None],
+                      groups=[0] * len(leaves))
     return jax.tree.unflatten(treedef, [~p for p in pruned])

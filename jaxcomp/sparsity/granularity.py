@@ -22,9 +22,11 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxcomp.sparsity._select import finite, lowest_k, sanitize
+from jaxcomp.sparsity.schedules import check_array_sparsity
 
 __all__ = ["Block", "Channel", "Granularity", "NM", "Unstructured", "block_mask", "channel_mask",
            "nm_mask", "unstructured_mask"]
@@ -53,9 +55,10 @@ class Granularity(abc.ABC):
         """Number of units a leaf of `shape` has."""
         return math.prod(shape)
 
-    def unit_size(self, shape: tuple[int, ...]) -> int:
-        """Weights per unit (used to weigh units in a global threshold)."""
-        return 1
+    def unit_sizes(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Weights each unit holds, shaped like the pooled scores (a global threshold weighs
+        units by it)."""
+        return np.ones(shape, np.int64)
 
     def pool(self, scores: jax.Array) -> jax.Array:
         """Per-weight scores to per-unit scores."""
@@ -92,8 +95,8 @@ class NM(Granularity):
       axis: the axis along which groups run.
 
     Example:
-        >>> NM(n=2, m=4).unit_size((8, 3))
-        1
+        >>> NM(n=2, m=4).sparsity
+        0.5
     """
 
     n: int = 2
@@ -149,7 +152,7 @@ class Block(Granularity):
     Axes not divisible by the block are fine: edge blocks are smaller and pool what they hold.
 
     Attributes:
-      shape: block extent along the last `len(shape)` axes, each >= 1.
+      shape: block extent along the last `len(shape)` axes, each >= 1; an int b is (b, b).
       pool_by: "mean" or "max".
 
     Example:
@@ -161,8 +164,12 @@ class Block(Granularity):
     pool_by: Pool = "mean"
 
     def __post_init__(self):
-        shape = tuple(self.shape)
-        if not shape or not all(isinstance(b, int) and b >= 1 for b in shape):
+        shape = self.shape
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape, shape)
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else ()
+        if not shape or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                for b in shape):
             raise ValueError(f"Block: shape must be a tuple of positive ints, got {self.shape!r}")
         if self.pool_by not in ("mean", "max"):
             raise ValueError(f"Block: pool_by must be 'mean' or 'max', got {self.pool_by!r}")
@@ -184,8 +191,16 @@ class Block(Granularity):
     def num_units(self, shape: tuple[int, ...]) -> int:
         return math.prod(self._grid(shape))
 
-    def unit_size(self, shape: tuple[int, ...]) -> int:
-        return math.prod(self.shape)
+    def unit_sizes(self, shape: tuple[int, ...]) -> np.ndarray:
+        lead = len(shape) - len(self.shape)
+        sizes = np.ones(self._grid(shape), np.int64)
+        for axis, (d, b) in enumerate(zip(shape[lead:], self.shape)):
+            # Blocks hold b weights along the axis, the clipped last one what is left.
+            extent = np.minimum(b, d - b * np.arange(-(-d // b)))
+            view = [1] * sizes.ndim
+            view[lead + axis] = extent.size
+            sizes = sizes * extent.reshape(view)
+        return sizes
 
     def pool(self, scores: jax.Array) -> jax.Array:
         scores = finite(scores)
@@ -246,8 +261,9 @@ class Channel(Granularity):
     def num_units(self, shape: tuple[int, ...]) -> int:
         return shape[self.axis % len(shape)]
 
-    def unit_size(self, shape: tuple[int, ...]) -> int:
-        return math.prod(shape) // self.num_units(shape)
+    def unit_sizes(self, shape: tuple[int, ...]) -> np.ndarray:
+        units = self.num_units(shape)
+        return np.full((units,), math.prod(shape) // max(units, 1), np.int64)
 
     def pool(self, scores: jax.Array) -> jax.Array:
         axis = self.axis % scores.ndim
@@ -262,19 +278,21 @@ class Channel(Granularity):
         return jnp.broadcast_to(keep.reshape(view), shape)
 
 
-def _check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, (int, float)) and not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+def pruned_units(sparsity: jax.typing.ArrayLike, units: int) -> jax.Array:
+    """round(sparsity * units) as int32, leaving at least one unit: a sparsity below 1 never
+    empties a leaf."""
+    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * units)
+    return jnp.clip(k, 0, max(units - 1, 0)).astype(jnp.int32)
 
 
 def _structured_mask(
     granularity: Granularity, scores: jax.Array, sparsity: jax.typing.ArrayLike
 ) -> jax.Array:
-    _check_sparsity(sparsity)
+    check_array_sparsity(sparsity)
     shape = tuple(scores.shape)
     granularity.check("scores", shape)
     units = granularity.pool(scores)
-    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * units.size).astype(jnp.int32)
+    k = pruned_units(sparsity, units.size)
     (pruned,) = lowest_k([units], k[None])
     return granularity.expand(~pruned, shape)
 
@@ -282,8 +300,8 @@ def _structured_mask(
 def unstructured_mask(scores: jax.Array, sparsity: jax.typing.ArrayLike) -> jax.Array:
     """Keep-mask pruning exactly round(sparsity * size) weights with the lowest scores.
 
-    Ties are broken by position; NaN scores count as the lowest. Works under `jit` with a
-    traced `sparsity` and on sharded arrays (no sort, no gather).
+    Ties are broken by position; NaN scores count as the lowest; at least one weight is kept.
+    Works under `jit` with a traced `sparsity` and on sharded arrays (no sort, no gather).
 
     Args:
       scores: per-weight scores (higher is more important).
@@ -320,7 +338,10 @@ def block_mask(
     shape: tuple[int, ...] = (4, 4),
     pool_by: Pool = "mean",
 ) -> jax.Array:
-    """Keep-mask pruning round(sparsity * blocks) whole blocks (see `Block`).
+    """Keep-mask pruning round(sparsity * blocks) whole blocks (see `Block`), keeping one at least.
+
+    Raises:
+      ValueError: if a concrete `sparsity` is outside [0, 1) or the block does not fit.
 
     Example:
         >>> s = jnp.array([[1., 1., 5., 5.], [1., 1., 5., 5.]])
@@ -334,7 +355,11 @@ def block_mask(
 def channel_mask(
     scores: jax.Array, sparsity: jax.typing.ArrayLike, axis: int = -1, pool_by: Pool = "mean"
 ) -> jax.Array:
-    """Keep-mask pruning round(sparsity * channels) whole slices along `axis` (see `Channel`).
+    """Keep-mask pruning round(sparsity * channels) whole slices along `axis` (see `Channel`),
+    keeping one at least.
+
+    Raises:
+      ValueError: if a concrete `sparsity` is outside [0, 1) or `axis` is out of range.
 
     Example:
         >>> channel_mask(jnp.array([[1., 9.], [1., 9.]]), 0.5)

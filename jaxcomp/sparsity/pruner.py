@@ -30,9 +30,9 @@ import numpy as np
 
 from jaxcomp.core import is_compressed
 from jaxcomp.sparsity._select import lowest_k
-from jaxcomp.sparsity.distribution import Distribution, Uniform
+from jaxcomp.sparsity.distribution import Distribution, Uniform, keep_best
 from jaxcomp.sparsity.dynamic import SET, RigL
-from jaxcomp.sparsity.granularity import NM, Granularity, Unstructured
+from jaxcomp.sparsity.granularity import NM, Granularity, Unstructured, pruned_units
 from jaxcomp.sparsity.masks import apply_masks, mask_leaves
 from jaxcomp.sparsity.schedules import check_sparsity, constant_sparsity
 from jaxcomp.sparsity.scores import Magnitude, Score, as_score
@@ -97,7 +97,7 @@ class Pruner:
         function `(params, grads, state) -> scores`.
       granularity: `Unstructured()` (default), `NM(n, m)`, `Block(shape)` or `Channel(axis)`.
       distribution: `Uniform()` (default), `ERK()`, `GlobalThreshold()` or `PerPath({...})`.
-      rules: per-layer overrides, first match wins (see `Rule`).
+      rules: per-layer overrides, first match wins (see `Rule`); a single `Rule` is accepted.
       dynamic: `SET(...)` or `RigL(...)` for dynamic sparse training (unstructured only).
 
     Raises:
@@ -127,7 +127,12 @@ class Pruner:
         if not isinstance(self.distribution, Distribution):
             raise ValueError(
                 f"Pruner distribution must be a Distribution, got {self.distribution!r}")
-        rules = tuple(self.rules)
+        rules = self.rules
+        if isinstance(rules, Rule):
+            rules = (rules,)
+        if not isinstance(rules, (list, tuple)):
+            raise ValueError(f"Pruner rules must be a Rule or a list of Rules, got {rules!r}")
+        rules = tuple(rules)
         for rule in rules:
             if not isinstance(rule, Rule):
                 raise ValueError(f"Pruner rules must be Rule instances, got {rule!r}")
@@ -225,7 +230,8 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
             raise ValueError(f"{path}: cannot prune a compressed leaf ({leaf.kind}); prune the "
                              "dense params first")
         dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
-        if not np.issubdtype(dtype, np.floating):
+        # jnp, not np: numpy does not count bfloat16 and the float8 types as floating.
+        if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{path}: only floating-point leaves can be pruned, got {dtype}")
         index = next((r for r, flags in enumerate(rule_flags) if flags[i]), len(pruner.rules))
         members.setdefault(index, []).append(i)
@@ -250,6 +256,21 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         groups.append(_Group(index, positions, group_paths, shapes, granularity, score,
                              distribution, schedule))
     return groups, treedef, len(flat)
+
+
+def check_pruned_leaves(groups: Sequence[_Group], params: Sequence[Any], others: Sequence[Any],
+                        what: str, *, exact_shape: bool = True) -> None:
+    """Raises `ValueError` naming the path when `others` (flat, like `params`) holds `None` at
+    a pruned leaf or, with `exact_shape`, an array of another shape than the param's."""
+    for group in groups:
+        for i, path in zip(group.positions, group.paths):
+            shape = tuple(np.shape(params[i]))
+            if others[i] is None:
+                raise ValueError(f"{path}: {what}: None at a pruned leaf (the param has shape "
+                                 f"{shape})")
+            if exact_shape and tuple(np.shape(others[i])) != shape:
+                raise ValueError(f"{path}: {what}: shape {tuple(np.shape(others[i]))} does not "
+                                 f"match the param's {shape}")
 
 
 def _scores(group: _Group, treedef: Any, params: Sequence[Any], grads: Sequence[Any] | None,
@@ -290,7 +311,7 @@ def all_masks(
 ) -> list[list[jax.Array]]:
     """Keep-masks of every group's leaves (each in `group.positions` order).
 
-    All thresholds are searched together, in one program. With `previous` masks, weights they
+    Every leaf keeps at least one unit. All thresholds are searched together, in one program. With `previous` masks, weights they
     prune score lowest, so masks only shrink while the target does not decrease (pruned weights
     are zero, and stay pruned).
     """
@@ -306,14 +327,17 @@ def all_masks(
         pooled = [granularity.pool(s) for s in scores]
         plan.append(len(units))
         if group.distribution.shared_threshold:
-            sizes = [granularity.unit_size(shape) for shape in group.shapes]
-            total = sum(w * u.size for w, u in zip(sizes, pooled))
-            ks.append(jnp.round(targets[0] * total))
+            sizes = [granularity.unit_sizes(shape) for shape in group.shapes]
+            # Each leaf keeps its best unit: the target is capped at what the others hold.
+            pooled, best = zip(*(keep_best(u) for u in pooled))
+            kept = sum(jnp.sum(jnp.where(b, w, 0)) for w, b in zip(sizes, best))
+            total = sum(int(w.sum()) for w in sizes)
+            ks.append(jnp.minimum(jnp.round(targets[0] * total), total - kept))
             unit_groups += [len(ks) - 1] * len(pooled)
             weights += sizes
         else:
             for j, u in enumerate(pooled):
-                ks.append(jnp.round(targets[j] * u.size))
+                ks.append(pruned_units(targets[j], u.size))
                 unit_groups.append(len(ks) - 1)
                 weights.append(1)
         units += pooled
@@ -362,7 +386,8 @@ def compute_masks(
 
     Raises:
       ValueError: for bad configuration or inputs, naming the path and value (see `resolve`),
-        a schedule without `step`, or a score that needs `grads` or `key` without them.
+        grads not shaped like the params or masks with `None` at a pruned leaf, a schedule
+        without `step`, or a score that needs `grads` or `key` without them.
 
     Example:
         >>> masks = compute_masks({"kernel": jnp.array([3., 1., 2., 4.])}, Pruner(sparsity=0.5))
@@ -391,10 +416,13 @@ def compute_masks(
     step = jnp.asarray(step, jnp.int32)
     leaves = treedef.flatten_up_to(params)
     grad_leaves = None if grads is None else treedef.flatten_up_to(grads)
+    if grad_leaves is not None:
+        check_pruned_leaves(groups, leaves, grad_leaves, "grads")
     previous = None
     if masks is not None:
         previous = [None if m is None else jnp.broadcast_to(m.astype(bool), np.shape(p))
                     for _, p, m in mask_leaves(params, masks)]
+        check_pruned_leaves(groups, leaves, previous, "masks=", exact_shape=False)
     states = []
     for group in groups:
         sub_params = group.subtree(treedef, leaves)

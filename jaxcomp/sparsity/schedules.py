@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = [
@@ -37,6 +39,17 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{what} must be in [0, 1), got {value!r}")
     return value
+
+
+def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") -> None:
+    """Like `check_sparsity` for anything concrete (numbers, numpy or JAX scalars, 0-d arrays);
+    traced values pass unchecked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    array = np.asarray(value)
+    if array.ndim != 0:
+        raise ValueError(f"{what} must be a scalar, got an array of shape {array.shape}")
+    check_sparsity(array.item() if array.dtype.kind in "biuf" else value, what)
 
 
 def _check_step(value: int, what: str) -> int:

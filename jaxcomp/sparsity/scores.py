@@ -12,7 +12,7 @@ the steps that recompute masks.
 * `Movement`: the sum over steps of -w * g (Sanh et al. 2020): weights moving away from zero
   score high.
 * `Taylor`: first-order Taylor importance (w * g)^2, averaged over steps by an exponential moving
-  average (Molchanov et al. 2019).
+  average (Molchanov et al. 2019); the score is its square root, which ranks the same.
 * `ScoreFn`: your own `fn(params, grads, state) -> scores`, with optional `init`/`accumulate`.
 
 Example:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,9 @@ class Score(abc.ABC):
     """Base class of scores. Subclasses implement `__call__`; stateful ones `init`/`accumulate`.
 
     Class attributes `needs_grads` and `needs_key` say what the score uses, so `prune_now` and
-    `prune` can check their inputs before tracing.
+    `prune` can check their inputs before tracing. Scores are ranked in float32, and those of
+    magnitude below 2**-98 (about 3e-30) count as 0: they tie with zero and are pruned by
+    position, so rescale a score that can be that small.
 
     Example:
         >>> class Squared(Score):
@@ -169,6 +172,10 @@ class Movement(Score):
 class Taylor(Score):
     """First-order Taylor importance (w * g)^2, averaged over steps (Molchanov et al. 2019).
 
+    The score (and the state) is the square root of that running average, which ranks the
+    same: squaring would take any |w * g| below about 2**-49 under the 2**-98 floor of scores
+    (see `Score`), where it ties with 0.
+
     Attributes:
       decay: weight of the running average; 0.0 scores the latest gradients only.
 
@@ -176,7 +183,7 @@ class Taylor(Score):
         >>> t = Taylor(decay=0.0)
         >>> params, grads = {"w": jnp.array([2., 1.])}, {"w": jnp.array([1., 1.])}
         >>> t(params, grads, t.accumulate(t.init(params), params, grads), None)["w"]
-        Array([4., 1.], dtype=float32)
+        Array([2., 1.], dtype=float32)
     """
 
     decay: float = 0.9
@@ -191,9 +198,10 @@ class Taylor(Score):
 
     def accumulate(self, state, params, grads):
         _need_grads("Taylor", grads)
+        # sqrt(decay * s^2 + (1 - decay) * (w g)^2) by hypot, which scales instead of squaring.
         return jax.tree.map(
-            lambda s, p, g: self.decay * s + (1 - self.decay) * jnp.square(p * g).astype(
-                jnp.float32),
+            lambda s, p, g: jnp.hypot(math.sqrt(self.decay) * s, math.sqrt(1 - self.decay)
+                                      * (p * g).astype(jnp.float32)),
             state, params, grads,
         )
 
@@ -204,6 +212,9 @@ class Taylor(Score):
 @dataclasses.dataclass(frozen=True)
 class ScoreFn(Score):
     """Your own score: `fn(params, grads, state) -> scores`, optionally with state.
+
+    Scores are ranked in float32; magnitudes below 2**-98 (about 3e-30) count as 0 (see
+    `Score`).
 
     Attributes:
       fn: returns a tree of scores shaped like `params` (leaves being pruned; `None` elsewhere).

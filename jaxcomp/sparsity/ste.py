@@ -1,8 +1,9 @@
 """Straight-through pruning: the forward pass sees masked weights, the backward pass is dense.
 
 `pruned_forward(params, masks)` inside the loss gives the model `where(mask, w, 0)`, while the
-gradient reaches every weight as if no mask were there (a `custom_vjp`), so pruned weights keep
-training and can come back when the masks are recomputed. Pair it with
+gradient reaches every weight as if no mask were there (a `custom_jvp` whose tangent is the
+identity, so forward and reverse mode both work), so pruned weights keep training and can come
+back when the masks are recomputed. Pair it with
 `prune(tx, pruner, straight_through=True)`, which recomputes the masks on schedule but leaves the
 weights dense, and `masks_of(opt_state)`.
 
@@ -26,9 +27,13 @@ from jaxcomp.sparsity.masks import mask_leaves
 __all__ = ["pruned_forward", "straight_through_mask"]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def straight_through_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """`where(mask, x, 0)` forward; the cotangent passes to `x` unchanged (mask or not).
+    """`where(mask, x, 0)` forward; derivatives treat it as the identity on `x` (mask or not).
+
+    A `custom_jvp` whose tangent is the tangent of `x`: it is linear, so reverse mode
+    (`grad`) transposes it and passes the cotangent through, and forward mode (`jvp`, `jacfwd`,
+    `hessian`) works too.
 
     Example:
         >>> jax.grad(lambda x: straight_through_mask(x, jnp.array([False, True])).sum())(
@@ -38,15 +43,11 @@ def straight_through_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-def _forward(x, mask):
-    return straight_through_mask(x, mask), None
-
-
-def _backward(_, cotangent):
-    return cotangent, None
-
-
-straight_through_mask.defvjp(_forward, _backward)
+@straight_through_mask.defjvp
+def _straight_through_jvp(primals, tangents):
+    x, mask = primals
+    x_dot, _ = tangents
+    return straight_through_mask(x, mask), x_dot
 
 
 def pruned_forward(params: Any, masks: Any) -> Any:

@@ -9,7 +9,8 @@ On the steps where the scheduled sparsity changes (or SET/RigL update the topolo
 recompiles and no Python code branches on traced values. When masks change, the inner
 optimizer's moments of pruned and regrown weights are reset to zero through
 `optax.tree_utils.tree_map_params`, which finds the params-shaped parts of any optax state
-(chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without knowing their classes.
+(chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without knowing their classes; a
+state it cannot map (SM3's) has its subtrees with the params' structure and shapes reset.
 
 Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[1., -4.], [0.5, 2.]]), "bias": jnp.ones(2)}}
@@ -32,7 +33,7 @@ import optax
 from jax import lax
 
 from jaxcomp.sparsity.dynamic import SET, drop_and_grow
-from jaxcomp.sparsity.pruner import Pruner, _rule_key, all_masks, resolve
+from jaxcomp.sparsity.pruner import Pruner, _rule_key, all_masks, check_pruned_leaves, resolve
 from jaxcomp.tree import assert_same_structure
 
 __all__ = ["PruneState", "masks_of", "prune"]
@@ -75,21 +76,43 @@ def _key_data(key: jax.Array | None) -> jax.Array | None:
     return key
 
 
-def _reset_moments(optimizer: Any, inner_state: Any, changed: Any) -> Any:
+def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, flags: list[Any]) -> Any:
     """Zeroes the optimizer-state entries of changed weights in every params-shaped subtree.
 
     Entries whose shape is not the param's (Adafactor's factored moments) are left as they are.
+    `tree_map_params` finds the params-shaped parts of states that its `init` rebuilds; states
+    it cannot map (SM3's per-axis accumulators) are searched for subtrees with the params'
+    structure and shapes instead.
     """
 
-    def reset(value, flags):
-        if flags is None or not hasattr(value, "shape") or value.shape != flags.shape:
+    def reset(value, flag):
+        if flag is None or not hasattr(value, "shape") or value.shape != flag.shape:
             return value
-        return jnp.where(flags, jnp.zeros((), value.dtype), value)
+        return jnp.where(flag, jnp.zeros((), value.dtype), value)
 
-    return optax.tree_utils.tree_map_params(
-        optimizer, reset, inner_state, changed,
-        is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
-    )
+    try:
+        return optax.tree_utils.tree_map_params(
+            optimizer, reset, inner_state, jax.tree.unflatten(treedef, flags),
+            is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
+        )
+    except (ValueError, TypeError):
+        pass
+
+    def params_shaped(node):
+        try:
+            values = treedef.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        return all(flag is None or getattr(value, "shape", None) == flag.shape
+                   for value, flag in zip(values, flags))
+
+    def reset_subtree(node):
+        if not params_shaped(node):
+            return node
+        values = treedef.flatten_up_to(node)
+        return jax.tree.unflatten(treedef, [reset(v, f) for v, f in zip(values, flags)])
+
+    return jax.tree.map(reset_subtree, inner_state, is_leaf=params_shaped)
 
 
 def prune(
@@ -159,6 +182,14 @@ def prune(
         assert_same_structure(params, updates, what="the gradients")
         p_leaves = treedef.flatten_up_to(params)
         g_leaves = treedef.flatten_up_to(updates)
+        check_pruned_leaves(groups, p_leaves, g_leaves, "the gradients")
+        try:
+            mask_list = treedef.flatten_up_to(state.masks)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the PruneState's masks do not match the params (was the state "
+                             f"built from other params?): {e}") from e
+        check_pruned_leaves(groups, p_leaves, mask_list, "the PruneState's masks (was the state "
+                            "built from other params?)")
         count = state.count
         score_state = tuple(
             group.score.accumulate(st, group.subtree(treedef, p_leaves),
@@ -166,7 +197,7 @@ def prune(
             for group, st in zip(groups, state.score_state)
         )
         selected = [i for group in groups for i in group.positions]
-        old_masks = treedef.flatten_up_to(state.masks)
+        old_masks = mask_list
 
         changed = jnp.zeros((), bool)
         for group in groups:
@@ -221,8 +252,7 @@ def prune(
             flags = [None] * num_leaves
             for i in selected:
                 flags[i] = new_masks[i] != old_masks[i]
-            inner_state = _reset_moments(optimizer, inner_state,
-                                         jax.tree.unflatten(treedef, flags))
+            inner_state = _reset_moments(optimizer, inner_state, treedef, flags)
         inner_updates, inner_state = optimizer.update(updates, inner_state, params, **extra_args)
         out = treedef.flatten_up_to(inner_updates)
         if not straight_through:

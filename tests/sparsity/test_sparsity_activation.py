@@ -93,3 +93,21 @@ def test_nnx_where_matching_nothing_raises():
     model = nnx_models.MLP(input_shape=(8, 8, 1), features=(16,), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="layers/0"):
         sparsify_nnx(model, ActivationSparsity(where="conv", top_k=1))
+
+
+@pytest.mark.parametrize("fraction, n, kept", [(0.07, 100, 7), (0.14, 100, 14),
+                                               (0.035, 200, 7), (0.071, 100, 8)])
+def test_keep_fraction_is_exact_as_written(fraction, n, kept):
+    """ceil(fraction * n) in decimal: 0.07 of 100 is 7, not 8 from 7.000000000000001."""
+    assert ActivationSparsity(where="", keep_fraction=fraction).keep(n) == kept
+
+
+def test_linen_where_matching_nothing_raises():
+    """A where= that matches no module that ran is an error that lists the paths."""
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match="layers_0"):
+        with sparse_activations(ActivationSparsity(where="Dense_0", top_k=1)):
+            model.apply(variables, jnp.ones((1, 3)))

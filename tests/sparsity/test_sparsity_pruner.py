@@ -167,3 +167,96 @@ def test_gradient_scores_without_grads_raise():
     """Saliency without grads is an error, not a silent magnitude fallback."""
     with pytest.raises(ValueError, match="grads"):
         sp.prune_now(_params(), sp.Pruner(sparsity=0.5, score=sp.Saliency()))
+
+
+def test_bfloat16_params_are_pruned():
+    """bf16 (a jnp floating type numpy does not count as floating) prunes like float32."""
+    params = {"kernel": jnp.array([[1., -4.], [0.5, 2.]], jnp.bfloat16)}
+    pruned, _ = sp.prune_now(params, sp.Pruner(sparsity=0.5))
+    assert pruned["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(pruned["kernel"], np.float32), [[0, -4], [0, 2]])
+
+
+@pytest.mark.parametrize("granularity", [sp.Channel(-1), sp.Block((4, 4))])
+def test_global_structured_ties_are_split_by_position(granularity):
+    """A zero kernel next to a random one: exactly the target, not the whole tied layer."""
+    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (16, 16))},
+              "b": {"kernel": jnp.zeros((16, 16))}}
+    pruner = sp.Pruner(sparsity=0.25, granularity=granularity,
+                       distribution=sp.GlobalThreshold())
+    _, masks = sp.prune_now(params, pruner)
+    assert float(sp.sparsity_of(masks).total) == 0.25
+    assert bool(np.all(masks["a"]["kernel"]))
+
+
+def test_global_blocks_count_the_weights_they_hold():
+    """Equal block scores split by position; clipped edge blocks weigh what they hold."""
+    tied = {"a": {"kernel": jnp.ones((8, 8)).at[:4, :4].set(10.)},
+            "b": {"kernel": jnp.ones((8, 8)).at[:4, :4].set(20.)}}
+    pruner = sp.Pruner(sparsity=0.5, granularity=sp.Block((4, 4)),
+                       distribution=sp.GlobalThreshold())
+    assert float(sp.sparsity_of(sp.compute_masks(tied, pruner)).total) == 0.5
+    # 5x5 leaves in 4x4 blocks hold units of 16, 4, 4 and 1 weights. Ranked: a's small blocks
+    # (9 weights), b's (18 in all), then 16-weight blocks: 18 of 50 is nearest 25.
+    w = jnp.ones((5, 5)).at[:4, :4].set(10.)
+    masks = sp.compute_masks({"a": {"kernel": w}, "b": {"kernel": 2 * w}}, pruner)
+    assert int(sp.sparsity_of(masks).zeros) == 18
+
+
+@pytest.mark.parametrize("granularity, distribution", [
+    (sp.Unstructured(), sp.Uniform()), (sp.Channel(-1), sp.Uniform()),
+    (sp.Block((4, 4)), sp.Uniform()), (sp.Channel(-1), sp.GlobalThreshold()),
+    (sp.Unstructured(), sp.GlobalThreshold()),
+])
+def test_a_sparsity_below_one_keeps_a_unit_of_every_leaf(granularity, distribution):
+    """0.999 never empties a leaf: its best unit stays (TF-MOT keeps max(round(...), 1))."""
+    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (8, 6))},
+              "b": {"kernel": jnp.zeros((4, 4))}}
+    pruner = sp.Pruner(sparsity=0.999, granularity=granularity, distribution=distribution)
+    masks = sp.compute_masks(params, pruner)
+    for name in ("a", "b"):
+        assert bool(np.any(masks[name]["kernel"])), name
+    assert int(np.sum(sp.unstructured_mask(jnp.arange(100.), 0.999))) == 1
+    assert int(np.sum(sp.channel_mask(jnp.ones((3, 6)), 0.95))) == 3
+
+
+@pytest.mark.parametrize("value", [np.float32(1.5), np.array(1.0), jnp.float32(1.5),
+                                   jnp.float32(-0.5), jnp.float32(np.nan)])
+def test_mask_functions_check_numpy_and_jax_scalars(value):
+    """Concrete array sparsities are range-checked like Python floats; traced ones pass."""
+    with pytest.raises(ValueError, match="sparsity"):
+        sp.unstructured_mask(jnp.arange(4.), value)
+    with pytest.raises(ValueError, match="sparsity"):
+        sp.global_threshold_masks({"a": jnp.arange(4.)}, value)
+    mask = jax.jit(sp.unstructured_mask)(jnp.arange(4.), jnp.float32(0.5))
+    np.testing.assert_array_equal(mask, [False, False, True, True])
+
+
+def test_taylor_ranks_tiny_products_and_the_floor_holds_for_user_scores():
+    """Taylor does not square |w*g| under the 2**-98 floor; a tiny user score ties with 0."""
+    w = jnp.array([0.5, 4., 1., 3.])
+    grads = {"w": jnp.full(4, 1e-16)}
+    mask = sp.compute_masks({"w": w}, sp.Pruner(sparsity=0.5, where="w", score=sp.Taylor()),
+                            grads=grads)["w"]
+    np.testing.assert_array_equal(mask, [False, True, False, True])
+
+
+def test_bad_inputs_are_value_errors_naming_the_path():
+    """None masks at a pruned leaf and grads of the wrong shape name the path."""
+    params = _params()
+    masks = jax.tree.map(lambda _: None, params)
+    with pytest.raises(ValueError, match=r"\w+/kernel: masks=: None"):
+        sp.compute_masks(params, sp.Pruner(sparsity=0.5), masks=masks)
+    grads = _grads()
+    grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"].T
+    with pytest.raises(ValueError, match=r"Dense_1/kernel.*\(16, 32\)"):
+        sp.prune_now(params, sp.Pruner(sparsity=0.5, score=sp.Saliency()), grads=grads)
+    with pytest.raises(ValueError, match="rules"):
+        sp.Pruner(sparsity=0.5, rules=42)
+
+
+def test_an_int_block_is_square_and_a_single_rule_is_accepted():
+    """Block(2) is Block((2, 2)); rules=Rule(...) is rules=[Rule(...)]."""
+    assert sp.Block(2).shape == (2, 2)
+    rule = sp.Rule(where="Dense_1/kernel", sparsity=0.25)
+    assert sp.Pruner(sparsity=0.5, rules=rule).rules == (rule,)

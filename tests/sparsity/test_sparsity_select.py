@@ -202,3 +202,16 @@ def test_ties_across_the_leaves_of_a_group_are_taken_in_leaf_then_position_order
         expected[order[:k]] = True
         np.testing.assert_array_equal(np.concatenate([np.asarray(o).ravel() for o in out]),
                                       expected, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("scores, k, expected", [
+    ([1., 2., 3.], 6, [True, True, False]),     # weights 4, 5, 9 so far: 5 is nearest 6
+    ([1., 2., 3.], 8, [True, True, True]),      # 9 is nearest 8
+    ([1., 2., 3.], 7, [True, True, False]),     # a draw goes to the shorter prefix
+    ([1., 1., 1.], 6, [True, True, False]),     # ties split by position, by weight
+    ([2., 1., 1.], 4, [False, True, True]),     # 1 then 5: 5 is nearest 4
+])
+def test_weighted_lowest_k_marks_the_prefix_nearest_k(scores, k, expected):
+    """Per-element weights: the prefix of (score, position) order whose weight is nearest k."""
+    marked = lowest_k([jnp.array(scores)], jnp.array([k]), weights=[np.array([4, 1, 4])])
+    np.testing.assert_array_equal(marked[0], expected)

@@ -211,3 +211,55 @@ def test_masks_of_finds_the_prune_state_in_a_chain():
     assert masks["a"]["kernel"].dtype == jnp.bool_ and masks["a"]["bias"] is None
     with pytest.raises(ValueError):
         sp.masks_of(optax.sgd(0.1).init(_params()))
+
+
+def test_bfloat16_params_train_through_the_wrapper():
+    """prune() inits and updates bf16 params, leaving the pruned half at zero."""
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+    tx = sp.prune(optax.sgd(0.05), sp.Pruner(sparsity=0.5))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    kernel = optax.apply_updates(params, updates)["a"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16 and float((kernel == 0).mean()) == 0.5
+
+
+def test_sm3_state_not_mirroring_params_has_its_moments_reset():
+    """SM3's per-axis accumulators defeat tree_map_params: its params-shaped part is reset."""
+    params = _params()
+    tx = sp.prune(optax.sm3(0.01), sp.Pruner(sparsity=sp.one_shot_sparsity(0.5, step=1)))
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.update(grads, tx.init(params), params)[1]
+    _, state = tx.update(grads, state, params)
+    nu = np.asarray(state.inner_state[0].nu["a"]["kernel"])
+    pruned = ~np.asarray(state.masks["a"]["kernel"])
+    assert pruned.mean() == 0.5
+    # Same gradients everywhere: a reset momentum restarts from 0 and ends far below the rest.
+    assert nu[pruned].max() < 0.5 * nu[~pruned].min()
+
+
+def test_update_names_the_path_for_mismatched_grads_or_state():
+    """Gradients or a state that do not fit the params: ValueError naming path and shapes."""
+    params = _params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads["a"]["kernel"] = grads["a"]["kernel"].T
+    with pytest.raises(ValueError, match=r"a/kernel: the gradients: shape \(8, 6\)"):
+        _TX.update(grads, _TX.init(params), params)
+    other = jax.tree.map(lambda p: jnp.ones((2, *p.shape[1:])), params)
+    with pytest.raises(ValueError, match=r"a/kernel: the PruneState's masks.*\(2, 8\)"):
+        _TX.update(jax.tree.map(jnp.ones_like, params), _TX.init(other), params)
+
+
+def test_straight_through_mask_has_forward_mode_and_unchanged_gradients():
+    """jvp/jacfwd/hessian work through pruned_forward; grad is still the identity on weights."""
+    mask = jnp.array([True, False, True])
+
+    def f(w):
+        return jnp.sum(sp.pruned_forward({"w": w}, {"w": mask})["w"] ** 3)
+
+    w = jnp.array([1., 2., 3.])
+    np.testing.assert_array_equal(jax.grad(f)(w), [3., 0., 27.])
+    np.testing.assert_array_equal(jax.jacfwd(f)(w), jax.grad(f)(w))
+    np.testing.assert_array_equal(jax.hessian(f)(w), np.diag([6., 0., 18.]))
+    _, tangent = jax.jvp(lambda x: sp.straight_through_mask(x, mask), (w,), (jnp.ones(3),))
+    np.testing.assert_array_equal(tangent, [1., 1., 1.])
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(sp.straight_through_mask(x, mask) * w))(w), w)
