@@ -12,16 +12,47 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["distillation_loss", "feature_distillation_loss", "soft_target_kl"]
 
 
-def _check(temperature: float, alpha: float | None = None) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+def _concrete(value: jax.typing.ArrayLike) -> np.ndarray | None:
+    """`value` as a NumPy array, or None when it is traced (a jit argument or a schedule)."""
+    return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
+
+
+def _check(temperature: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike | None = None) -> None:
+    # Checked only when concrete, so a traced temperature or alpha works under jit.
+    if np.ndim(temperature) != 0:
+        raise ValueError(f"temperature must be a scalar, got shape {np.shape(temperature)}")
+    t = _concrete(temperature)
+    if t is not None and not (np.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {t}")
+    if alpha is None:
+        return
+    if np.ndim(alpha) != 0:
+        raise ValueError(f"alpha must be a scalar, got shape {np.shape(alpha)}")
+    a = _concrete(alpha)
+    if a is not None and not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {a}")
+
+
+def _check_labels(labels: jax.Array, student_logits: jax.Array) -> None:
+    want, classes = student_logits.shape[:-1], student_logits.shape[-1]
+    if labels.shape != want:
+        raise ValueError(
+            f"labels must have shape {want} (the logits' shape without the class axis), got "
+            f"{labels.shape}"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    concrete = _concrete(labels)
+    if concrete is not None:
+        bad = concrete[(concrete < 0) | (concrete >= classes)]
+        if bad.size:
+            raise ValueError(f"labels must be in [0, {classes}), got {bad[0]}")
 
 
 def soft_target_kl(
@@ -30,18 +61,19 @@ def soft_target_kl(
     """Mean KL(p_teacher^T || p_student^T) between softmaxes at temperature T, times T^2.
 
     The T^2 factor (Hinton et al. 2015) keeps the gradient scale independent of T. The teacher
-    gets no gradient.
+    gets no gradient. Classes masked out with `-inf` teacher logits (padding, a restricted
+    vocabulary) add nothing, as 0 log 0 = 0, and the loss and gradients stay finite.
 
     Args:
       student_logits: `(..., classes)`.
       teacher_logits: same shape.
-      temperature: T > 0.
+      temperature: T > 0, finite; a traced T (e.g. a schedule under `jit`) is not checked.
 
     Returns:
       A scalar.
 
     Raises:
-      ValueError: for T <= 0 or mismatched shapes.
+      ValueError: for a concrete T that is not a finite number > 0, or mismatched shapes.
 
     Example:
         >>> logits = jnp.array([[2.0, 0.0, -1.0]])
@@ -54,10 +86,14 @@ def soft_target_kl(
             f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
             "must have the same shape"
         )
-    teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
     log_teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
     log_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-    kl = jnp.sum(teacher * (log_teacher - log_student), axis=-1)
+    teacher = jnp.exp(log_teacher)
+    # Classes the teacher gives probability 0 (-inf logits) add 0, as 0 log 0 = 0; the inner
+    # where keeps their -inf - -inf out of the values and gradients.
+    support = teacher > 0
+    log_ratio = jnp.where(support, log_teacher - log_student, 0.0)
+    kl = jnp.sum(jnp.where(support, teacher * log_ratio, 0.0), axis=-1)
     return temperature**2 * jnp.mean(kl)
 
 
@@ -72,17 +108,20 @@ def distillation_loss(
     """Hinton et al. 2015: `(1 - alpha) CE(labels, p_s) + alpha T^2 KL(p_t^T || p_s^T)`.
 
     Args:
-      student_logits: `(batch, classes)`.
+      student_logits: `(..., classes)`, e.g. `(batch, classes)`.
       teacher_logits: same shape; treated as constants.
-      labels: integer labels `(batch,)`.
-      temperature: softmax temperature T > 0 of the soft targets.
-      alpha: weight of the soft-target term, in [0, 1].
+      labels: integer class indices in `[0, classes)`, of shape `student_logits.shape[:-1]`.
+        Concrete labels out of range raise; traced ones (under `jit`) are not checked, and one
+        out of range makes the loss NaN.
+      temperature: softmax temperature T > 0 of the soft targets, finite; checked when concrete.
+      alpha: weight of the soft-target term, in [0, 1]; checked when concrete.
 
     Returns:
       A scalar loss.
 
     Raises:
-      ValueError: for T <= 0, alpha outside [0, 1] or mismatched shapes.
+      ValueError: for a T that is not a finite number > 0, alpha outside [0, 1], labels of the
+        wrong shape or dtype or (when concrete) out of range, or mismatched logit shapes.
 
     Example:
         >>> s = jnp.array([[1.0, 0.0]]); t = jnp.array([[3.0, 0.0]]); y = jnp.array([0])
@@ -90,7 +129,12 @@ def distillation_loss(
         True
     """
     _check(temperature, alpha)
-    hard = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels).mean()
+    labels = jnp.asarray(labels)
+    _check_labels(labels, student_logits)
+    classes = student_logits.shape[-1]
+    hard = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
+    # Traced labels are not checked; one out of range makes the loss NaN rather than wrapping.
+    hard = jnp.where((labels >= 0) & (labels < classes), hard, jnp.nan).mean()
     return (1.0 - alpha) * hard + alpha * soft_target_kl(student_logits, teacher_logits, temperature)
 
 
@@ -108,13 +152,14 @@ def feature_distillation_loss(
     Args:
       student_features: `(batch, ...)`.
       teacher_features: same shape; treated as constants.
-      normalize: L2-normalise each example's features first (scale-free matching).
+      normalize: L2-normalise each example's features first (scale-free matching). An
+        all-zero example stays zero, with finite gradients.
 
     Returns:
       A scalar.
 
     Raises:
-      ValueError: when the shapes differ.
+      ValueError: when the shapes differ, or for scalar features with `normalize=True`.
 
     Example:
         >>> f = jnp.ones((2, 4))
@@ -129,8 +174,22 @@ def feature_distillation_loss(
     teacher = jax.lax.stop_gradient(teacher_features)
     student = student_features
     if normalize:
-        flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-        eps = jnp.finfo(student.dtype).tiny
-        student = flat(student) / (jnp.linalg.norm(flat(student), axis=-1, keepdims=True) + eps)
-        teacher = flat(teacher) / (jnp.linalg.norm(flat(teacher), axis=-1, keepdims=True) + eps)
+        if student.ndim == 0:
+            raise ValueError(
+                "normalize=True needs features with a batch axis, got student_features of shape ()"
+            )
+        student, teacher = _unit_rows(student), _unit_rows(teacher)
     return jnp.mean((student - teacher) ** 2)
+
+
+def _unit_rows(x: jax.Array) -> jax.Array:
+    """Each example's features scaled to unit L2 norm; an all-zero example stays zero."""
+    x = x.reshape(x.shape[0], -1)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    # Dividing by the largest magnitude first keeps tiny features from underflowing in the norm;
+    # the wheres keep the zero row's 0/0 out of values and gradients.
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    x = x / jnp.where(scale > 0, scale, 1)
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x / jnp.sqrt(jnp.where(squared > 0, squared, 1))

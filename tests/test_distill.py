@@ -64,8 +64,48 @@ def test_feature_loss_is_mse_and_scale_free_when_normalized():
         (lambda: distillation_loss(S, T, Y, alpha=1.5), "alpha"),
         (lambda: soft_target_kl(S, T[:, :3]), "same shape"),
         (lambda: feature_distillation_loss(S, T[:2]), "same shape"),
+        (lambda: soft_target_kl(S, T, float("inf")), "temperature must be a finite number > 0"),
+        (lambda: distillation_loss(S, T, Y[:, None]), r"labels must have shape \(4,\)"),
+        (lambda: distillation_loss(S, T, Y[:3]), r"labels must have shape \(4,\)"),
+        (lambda: distillation_loss(S, T, Y.astype(jnp.float32)), "labels must be integer"),
+        (lambda: distillation_loss(S, T, Y.at[0].set(5)), r"labels must be in \[0, 5\), got 5"),
+        (lambda: distillation_loss(S, T, Y.at[0].set(-1)), r"labels must be in \[0, 5\), got -1"),
+        (lambda: feature_distillation_loss(S[0, 0], T[0, 0], normalize=True), "batch axis"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_classes_masked_with_minus_inf_add_nothing_and_keep_gradients_finite():
+    """-inf logits (padded classes) give the loss of the unpadded logits, not NaN."""
+    pad = lambda z: jnp.concatenate([z, jnp.full((4, 1), -jnp.inf)], -1)  # noqa: E731
+    want = soft_target_kl(S, T, 2.0)
+    np.testing.assert_allclose(soft_target_kl(pad(S), pad(T), 2.0), want, rtol=1e-6)
+    np.testing.assert_allclose(distillation_loss(pad(S), pad(T), Y),
+                               distillation_loss(S, T, Y), rtol=1e-6)
+    assert np.isfinite(float(soft_target_kl(jnp.pad(S, ((0, 0), (0, 1))), pad(T))))
+    grad = jax.grad(lambda s: distillation_loss(s, pad(T), Y))(pad(S))
+    np.testing.assert_allclose(grad[:, :5], jax.grad(lambda s: distillation_loss(s, T, Y))(S),
+                               rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(grad[:, 5]).max()) == 0.0
+
+
+def test_normalized_features_are_safe_for_zero_and_tiny_examples():
+    """An all-zero example has finite gradients and tiny features do not underflow."""
+    teacher = jnp.ones((2, 4))
+    grad = jax.grad(lambda f: feature_distillation_loss(f, teacher, normalize=True))(
+        jnp.zeros((2, 4)))
+    assert bool(jnp.isfinite(grad).all())
+    tiny = feature_distillation_loss(jnp.full((2, 4), 1e-30), teacher, normalize=True)
+    assert float(tiny) < 1e-10
+
+
+def test_traced_temperature_and_labels_work_under_jit():
+    """A traced temperature is not checked; an out-of-range traced label makes the loss NaN."""
+    loss = jax.jit(lambda t, y: distillation_loss(S, T, y, temperature=t))
+    np.testing.assert_allclose(loss(2.0, Y), distillation_loss(S, T, Y, temperature=2.0),
+                               rtol=1e-6)
+    assert np.isnan(float(loss(2.0, Y.at[0].set(-1))))
+    assert np.isnan(float(loss(2.0, Y.at[0].set(7))))

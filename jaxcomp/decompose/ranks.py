@@ -29,6 +29,7 @@ from typing import Union
 import numpy as np
 
 from jaxcomp.decompose.vbmf import vbmf_spectrum
+from jaxcomp.flops import FlopCount
 
 __all__ = [
     "Energy",
@@ -168,10 +169,15 @@ class FlopBudget:
 
     Attributes:
       total: the target FLOPs of the selected layers together.
-      dense_flops: FLOPs of each selected kernel in the dense model, by path, e.g.
-        `jaxcomp.count_flops(fn, params, x).per_path`; they fix each layer's number of positions
-        (batch x output pixels). Tucker-2's first 1x1 convolution runs before the stride, at
-        `strides[0] * strides[1]` times as many positions.
+      dense_flops: FLOPs of each selected kernel in the dense model, by path: the `FlopCount`
+        that `jaxcomp.count_flops(fn, params, x)` returns, or a mapping such as its `per_path`
+        (stored as a dict). They fix each layer's number of positions (batch x output pixels).
+        Tucker-2's first 1x1 convolution runs before the stride, at `strides[0] * strides[1]`
+        times as many positions.
+
+    Raises:
+      ValueError: for a `total` that is not a positive int, or `dense_flops` that is neither a
+        `FlopCount` nor a mapping of positive numbers.
 
     Example:
         >>> FlopBudget(total=10**6, dense_flops={"Dense_0/kernel": 4 * 10**6}).total
@@ -179,16 +185,29 @@ class FlopBudget:
     """
 
     total: int
-    dense_flops: Mapping[str, int] = dataclasses.field(default_factory=dict, hash=False)
+    dense_flops: Mapping[str, int] | FlopCount = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.total, (int, np.integer)) or self.total < 1:
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
-        flops = dict(self.dense_flops)
-        bad = {p: f for p, f in flops.items() if not f > 0}
+        dense = self.dense_flops
+        if isinstance(dense, FlopCount):
+            dense = dense.per_path
+        if not isinstance(dense, Mapping):
+            raise ValueError(
+                "FlopBudget.dense_flops must be a jaxcomp.FlopCount or a mapping from kernel path "
+                f"to FLOPs, got {type(dense).__name__} {dense!r}"
+            )
+        flops = dict(dense)
+        bad = {p: f for p, f in flops.items() if not _positive_number(f)}
         if bad:
-            raise ValueError(f"FlopBudget.dense_flops must be positive, got {bad}")
+            raise ValueError(f"FlopBudget.dense_flops must be positive numbers, got {bad}")
         object.__setattr__(self, "dense_flops", flops)
+
+
+def _positive_number(value: object) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)) and value > 0)
 
 
 RankRule = Union[int, tuple, FixedRank, RankRatio, ParamRatio, Energy, VBMF, ParamBudget, FlopBudget]

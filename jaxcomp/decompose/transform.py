@@ -156,10 +156,18 @@ def decompose_tree(
         if kind is not None:
             targets[path] = (kind, leaf)
     if not targets:
-        shapes = {p: getattr(x, "shape", type(x).__name__) for p, x in leaves_with_paths(params) if p in chosen}
+        compressed = [p for p, x in leaves_with_paths(params) if p in chosen and is_compressed(x)]
+        others = {p: getattr(x, "shape", type(x).__name__) for p, x in leaves_with_paths(params)
+                  if p in chosen and not is_compressed(x)}
+        if compressed and not others:
+            raise ValueError(
+                f"where={where!r} selects only kernels that are already compressed, so there is "
+                f"nothing left to decompose: {compressed}"
+            )
+        note = f"; already compressed: {compressed}" if compressed else ""
         raise ValueError(
             f"where={where!r} with method={method!r} selects no kernel to decompose (2-D Dense or "
-            f"4-D Conv kernels); selected: {shapes}"
+            f"4-D Conv kernels); selected: {others}{note}"
         )
     hosts = {path: _host.to_host(leaf, path) for path, (_, leaf) in targets.items()}
     models = {path: _model(kind, hosts[path], path, tt_order) for path, (kind, _) in targets.items()}

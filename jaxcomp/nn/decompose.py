@@ -35,7 +35,7 @@ from jaxcomp.decompose.apply import factorized_apply
 from jaxcomp.decompose.leaves import CPKernel, ConvSpec, Factorized, SVDKernel, TTKernel, Tucker2Kernel
 from jaxcomp.decompose.ranks import RankRule
 from jaxcomp.decompose.transform import DEFAULT_WHERE, decompose_tree
-from jaxcomp.tree import Where, selected_paths
+from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
 __all__ = [
     "FactorizedConv",
@@ -49,6 +49,7 @@ __all__ = [
 
 _DENSE_KERNELS = (SVDKernel, TTKernel)
 _CONV_KERNELS = (Tucker2Kernel, CPKernel)
+_RUNNABLE = (nn.Dense, nn.Conv)  # the Linen layers intercept_factorized runs
 
 
 def _cast(dtype: Any, x: jax.Array, kernel: Factorized, bias: Any) -> tuple[Any, Any, Any]:
@@ -273,13 +274,18 @@ def decompose_nnx(
 
 def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
-        return next_fun(*args, **kwargs)
     scope = module.scope
-    kernel = None if scope is None else scope.get_variable("params", "kernel")
+    if context.method_name != "__call__" or scope is None:
+        return next_fun(*args, **kwargs)
+    kernel = scope.get_variable("params", "kernel")
     if not isinstance(kernel, Factorized):
         return next_fun(*args, **kwargs)
     path = _join(*scope.path, "kernel")
+    if not isinstance(module, _RUNNABLE):
+        raise ValueError(
+            f"{path}: intercept_factorized runs factorized kernels of nn.Dense and nn.Conv layers "
+            f"only, not of {type(module).__name__}; run this tree with jaxcomp.materialize"
+        )
     if isinstance(module, nn.Conv):
         if not isinstance(kernel, _CONV_KERNELS):
             raise ValueError(f"{path}: a Conv layer holds a {kernel.kind} kernel")
@@ -315,6 +321,35 @@ def intercept_factorized() -> Iterator[None]:
         yield
 
 
+def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
+                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str]]:
+    """Traces the model once: the nn.Conv specs, the kernel paths of the layers the interceptor
+    runs, and the module type of every other layer with a `kernel` param, by kernel path."""
+    specs: dict[str, ConvSpec] = {}
+    runnable: set[str] = set()
+    others: dict[str, str] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module, scope = context.module, context.module.scope
+        if context.method_name == "__call__" and scope is not None:
+            path = _join(*scope.path, "kernel")
+            kernel = scope.get_variable("params", "kernel")
+            if isinstance(module, _RUNNABLE):
+                runnable.add(path)
+                if isinstance(module, nn.Conv) and getattr(kernel, "ndim", 0) == 4:
+                    specs[path] = _conv_spec(module, path)
+            elif kernel is not None:
+                others[path] = type(module).__name__
+        return next_fun(*call_args, **call_kwargs)
+
+    def run(variables, *a):
+        with nn.intercept_methods(record):
+            return model.apply(variables, *a, **kwargs)
+
+    jax.eval_shape(run, variables, *args)
+    return specs, runnable, others
+
+
 def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, ConvSpec]:
     """The `ConvSpec` of every `nn.Conv` of a Linen model, by kernel path (traced, nothing runs).
 
@@ -324,23 +359,7 @@ def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
         >>> conv_specs_linen(LeNet5(), variables, jnp.ones((1, 8, 8, 1)))["Conv_0/kernel"].padding
         'SAME'
     """
-    found: dict[str, ConvSpec] = {}
-
-    def record(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, nn.Conv) and module.scope is not None:
-            path = _join(*module.scope.path, "kernel")
-            kernel = module.scope.get_variable("params", "kernel")
-            if getattr(kernel, "ndim", 0) == 4:
-                found[path] = _conv_spec(module, path)
-        return next_fun(*call_args, **call_kwargs)
-
-    def run(variables, *a):
-        with nn.intercept_methods(record):
-            return model.apply(variables, *a, **kwargs)
-
-    jax.eval_shape(run, variables, *args)
-    return found
+    return _linen_kernels(model, variables, args, kwargs)[0]
 
 
 def decompose_linen(
@@ -360,14 +379,18 @@ def decompose_linen(
 
     Traces `model.apply(variables, *args, **kwargs)` once (abstractly) to read every `nn.Conv`'s
     stride, padding and dilation, then calls `decompose_tree` on `variables["params"]`. Run the
-    result with `intercept_factorized()` (fast path) or `jaxcomp.materialize` (dense).
+    result with `intercept_factorized()` (fast path) or `jaxcomp.materialize` (dense). Only the
+    kernels of `nn.Dense` and `nn.Conv` layers, the ones the interceptor runs, are factorized;
+    for other layers (`nn.ConvTranspose`, `nn.ConvLocal`, `nn.DenseGeneral`, custom modules)
+    use `decompose_tree` and `jaxcomp.materialize`.
 
     Args:
       model: the Linen module.
       variables: its variables (`{"params": ..., ...}`).
       *args: example inputs (shapes are what matter).
       ranks: a rank rule or budget (see `decompose_tree`).
-      where: selection over the params paths (default: every `kernel`).
+      where: selection over the params paths (default: the `kernel` of every `nn.Dense` and
+        `nn.Conv` layer; kernels of other layers are left dense).
       method: `"auto"`, `"svd"`, `"tt"`, `"tucker2"` or `"cp"`.
       tt_order: number of TT cores.
       n_iter_max: HOOI/ALS iterations.
@@ -378,6 +401,11 @@ def decompose_linen(
     Returns:
       The variables with factorized kernels in `"params"` (other collections unchanged).
 
+    Raises:
+      ValueError: naming the layer, when `where` selects the 2-D or 4-D kernel of a layer other
+        than `nn.Dense`/`nn.Conv`, for grouped, masked or input-dilated `nn.Conv` layers, and as
+        `decompose_tree` does.
+
     Example:
         >>> from jaxcomp.testing.models import LeNet5
         >>> x = jnp.ones((1, 8, 8, 1))
@@ -386,7 +414,23 @@ def decompose_linen(
         >>> out["params"]["Conv_1"]["kernel"].kind
         'Tucker2'
     """
-    specs = conv_specs_linen(model, variables, *args, **kwargs)
+    specs, runnable, others = _linen_kernels(model, variables, args, kwargs)
+    if isinstance(where, str) and where == DEFAULT_WHERE:
+        if not runnable:
+            raise ValueError(
+                "decompose_linen: the model has no nn.Dense or nn.Conv layer to factorize; "
+                f"layers with a kernel: {others}"
+            )
+        where = lambda path, _: path in runnable  # noqa: E731
+    else:
+        chosen = set(selected_paths(variables["params"], where))
+        for path, leaf in leaves_with_paths(variables["params"]):
+            if path in others and path in chosen and getattr(leaf, "ndim", 0) in (2, 4):
+                raise ValueError(
+                    f"{path}: decompose_linen factorizes the kernels of nn.Dense and nn.Conv "
+                    f"layers only (what intercept_factorized runs), not of {others[path]}; use "
+                    "decompose_tree and jaxcomp.materialize for it, or leave it out of where"
+                )
     params = decompose_tree(
         variables["params"], ranks, where=where, method=method, conv_specs=specs,
         tt_order=tt_order, n_iter_max=n_iter_max, seed=seed, svd=svd,

@@ -177,6 +177,9 @@ class Masked(CompressedLeaf):
         return np.dtype(self.value.dtype)
 
     def _kept(self) -> int | None:
+        """The number of kept values, or None for an abstract or traced mask."""
+        if isinstance(self.mask, jax.ShapeDtypeStruct):  # np.asarray would make a 0-d object
+            return None
         try:
             return int(np.count_nonzero(np.asarray(jax.device_get(self.mask))))
         except (TypeError, jax.errors.TracerArrayConversionError,

@@ -145,12 +145,15 @@ def _reshape(eqn: Any, ins: list[Value], st: State) -> list[Value]:
             view = labels[a].reshape([-1 if t == k else 1 for t in range(len(ga))])
             full = np.maximum(full, view)
             ids_here = ids_here + (view >= 0)
-        if (ids_here > 1).any():
-            st.pin(full, "a reshape merges two channel axes", warn=True)
+        merges = bool((ids_here > 1).any())
+        if merges:
+            # `full` holds one id a position; every merged axis must be pinned, not just that one.
+            for a in ga:
+                st.pin(labels[a], "a reshape merges two channel axes", warn=True)
         full = full.reshape([shape[b] for b in gb])
         fill = FREE if (full == FREE).all() else FIXED
-        found = _explaining_axis(full) if (full >= 0).any() else None
-        if (full >= 0).any() and found is None:
+        found = _explaining_axis(full) if (full >= 0).any() and not merges else None
+        if (full >= 0).any() and found is None and not merges:
             st.pin(full, "a reshape splits a channel axis (as GroupNorm or a head split do)",
                    warn=True)
         for k, b in enumerate(gb):

@@ -16,6 +16,9 @@ __all__ = ["kept_count", "select_channels"]
 
 
 def _check_ratio(value: Any, what: str) -> float:
+    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and not isinstance(
+            value, jax.core.Tracer):
+        value = value.item()  # a 0-d jnp or NumPy array reads as its Python number
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
     value = float(value)

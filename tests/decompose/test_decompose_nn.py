@@ -238,3 +238,33 @@ def test_linen_without_interceptor_fails_loudly_and_mismatch_raises():
     with pytest.raises(ValueError, match="kernel: a Dense layer holds a Tucker2 kernel"):
         with intercept_factorized():
             model.apply({"params": wrong}, jnp.ones((1, 8)))
+
+
+class Upsample(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return nn.ConvTranspose(6, (3, 3), strides=(2, 2))(x)
+
+
+def linen_apply(model, variables, x):
+    with intercept_factorized():
+        return model.apply(variables, x)
+
+
+def test_linen_layers_the_interceptor_cannot_run_are_left_dense_or_named():
+    """By default decompose_linen skips nn.ConvTranspose; selecting it, or running a tree that
+    holds one factorized, is a ValueError naming the layer."""
+    model = Upsample()
+    variables = numpy_init(model, X)
+    out = decompose_linen(model, variables, X, ranks=2)
+    assert isinstance(out["params"]["Conv_0"]["kernel"], Tucker2Kernel)
+    assert not jaxcomp.is_compressed(out["params"]["ConvTranspose_0"]["kernel"])
+    chex.assert_trees_all_close(linen_apply(model, out, X),
+                                model.apply(jaxcomp.materialize(out), X), atol=1e-5)
+    with pytest.raises(ValueError, match="ConvTranspose_0/kernel: .* not of ConvTranspose"):
+        decompose_linen(model, variables, X, ranks=2, where=r".*kernel")
+    tree = jaxcomp.decompose.decompose_tree(variables["params"], 2)
+    with pytest.raises(ValueError, match="ConvTranspose_0/kernel: intercept_factorized .* not of "
+                                         "ConvTranspose"):
+        linen_apply(model, {"params": tree}, X)

@@ -3,11 +3,13 @@
 import math
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jaxcomp
 from jaxcomp.decompose import (
     VBMF,
     Energy,
@@ -179,6 +181,18 @@ def test_flop_budget_counts_positions_and_strides():
         for p, r in ranks.items()
     )
     assert used <= sum(dense.values()) // 3
+
+
+def test_flop_budget_takes_a_flop_count_or_a_mapping_and_names_anything_else():
+    """dense_flops may be count_flops' FlopCount or a mapping; other values are a ValueError."""
+    params = {"Dense_0": {"kernel": jnp.ones((16, 8))}}
+    count = jaxcomp.count_flops(lambda p, x: x @ p["Dense_0"]["kernel"], params, jnp.ones((4, 16)))
+    budget = FlopBudget(count.total // 4, dense_flops=count)
+    assert budget.dense_flops == dict(count.per_path) == {"Dense_0/kernel": 2 * 4 * 16 * 8}
+    assert FlopBudget(10, dense_flops=count.per_path).dense_flops == budget.dense_flops
+    for bad in (count.total, [("Dense_0/kernel", 10)], {"Dense_0/kernel": "10"}):
+        with pytest.raises(ValueError, match="FlopBudget.dense_flops"):
+            FlopBudget(10, dense_flops=bad)
 
 
 def test_unreachable_budgets_and_missing_flops_raise():

@@ -56,6 +56,10 @@ def test_already_factorized_kernels_are_left_alone():
     once = decompose_tree(PARAMS, 2, where=r"Conv_1/kernel")
     twice = decompose_tree(once, 3)
     assert twice["Conv_1"]["kernel"].rank == (2, 2)
+    with pytest.raises(ValueError, match=r"only kernels that are already compressed.*Conv_1/"):
+        decompose_tree(once, 3, where=r"Conv_1/kernel")
+    with pytest.raises(ValueError, match=r"already compressed: \['Conv_1/kernel'\]"):
+        decompose_tree(once, 3, where=r"Conv_1/.*")
 
 
 @pytest.mark.parametrize(

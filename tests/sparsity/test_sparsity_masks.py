@@ -59,6 +59,16 @@ def test_masked_leaf_materializes_and_counts_a_packed_bitmask():
     assert "90.0% pruned" in big.summary()
 
 
+def test_abstract_masked_leaf_counts_every_value_as_kept():
+    """Under eval_shape the mask has no values: nbytes and the report count all as kept."""
+    leaf = sp.Masked(jnp.ones((64, 64)), jnp.eye(64, dtype=bool))
+    abstract = jax.eval_shape(lambda: leaf)
+    assert isinstance(abstract.mask, jax.ShapeDtypeStruct)
+    assert abstract.nbytes == 64 * 64 // 8 + 64 * 64 * 4
+    assert "pruned" not in abstract.summary()
+    assert jaxcomp.report({"k": abstract}).totals.nbytes == abstract.nbytes
+
+
 def test_masked_leaves_show_in_the_report():
     """jaxcomp.report counts Masked leaves as stored (bitmask + kept values)."""
     weights = jax.random.normal(jax.random.key(0), (64, 32))

@@ -54,6 +54,18 @@ class _Depthwise(nn.Module):
         return nn.Dense(3)(x.mean((1, 2)))
 
 
+class _Grouped(nn.Module):
+    width: int = 8
+    out: int = 8
+    groups: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.width, (1, 1))(x))
+        x = nn.relu(nn.Conv(self.out, (3, 3), feature_group_count=self.groups)(x))
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
 class _Branches(nn.Module):
     left: int = 6
     right: int = 4
@@ -85,6 +97,15 @@ def test_linen_depthwise_convolution_rebuilds_with_fewer_groups():
     assert {f"{m.path}[{m.axis}]" for m in group.members} >= {
         "params/Conv_0/kernel[3]", "params/Conv_1/kernel[3]", "params/Dense_0/kernel[0]"}
     assert small.width == 4
+
+
+def test_linen_grouped_convolution_pruned_at_its_outputs_keeps_its_group_count():
+    """A grouped (not depthwise) conv losing only outputs narrows each group, keeping 4 groups."""
+    grouped = "params/Conv_1/kernel"
+    groups, small = _linen_roundtrip(
+        _Grouped(), lambda g: np.arange(1) if g.name == grouped else np.arange(g.size))
+    assert groups.names == ("params/Conv_0/kernel", grouped)
+    assert (small.width, small.out, small.groups) == (8, 4, 4)
 
 
 def test_linen_concatenated_branches_keep_their_own_widths():
@@ -146,3 +167,27 @@ def test_remove_channels_traces_under_jit_with_a_static_keep():
     groups = channel_groups(f, params, jnp.ones((1, 4)))
     out = jax.jit(lambda p: remove_channels(p, groups, {"a": np.array([0, 2, 4])}))(params)
     assert out["a"].shape == (4, 3) and out["c"].shape == (3, 3)
+
+
+class _NNXGrouped(nnx.Module):
+    def __init__(self, *, rngs):
+        self.c1 = nnx.Conv(1, 8, (1, 1), rngs=rngs)
+        self.c2 = nnx.Conv(8, 8, (3, 3), feature_group_count=4, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.c2(nnx.relu(self.c1(x))))
+        return self.head(x.mean((1, 2)))
+
+
+def test_nnx_grouped_convolution_pruned_at_its_outputs_keeps_its_group_count():
+    """Only the outputs of a grouped conv go: each of its 4 groups keeps 2 inputs and 1 output."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _NNXGrouped(rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, _random(state))
+    groups = nnx_channel_groups(model, X)
+    model = nnx.merge(graphdef, _zero_consumers(nnx.state(model), groups["c2/kernel"],
+                                                np.array([1])))
+    small = shrink_nnx(model, nnx_channel_groups(model, X), {"c2/kernel": [0]})
+    assert small.c2.kernel.shape == (3, 3, 2, 4)
+    assert (small.c2.in_features, small.c2.out_features, small.c2.feature_group_count) == (8, 4, 4)
+    np.testing.assert_allclose(small(X), model(X), rtol=1e-5, atol=1e-5)

@@ -105,6 +105,24 @@ def test_flatten_ties_each_channel_to_its_spatial_positions():
     np.testing.assert_array_equal(rows.indices[1], [1, 5, 9, 13])
 
 
+def test_reshape_merging_two_channel_axes_pins_both():
+    """Flattening an outer product of two channel axes keeps the channels of both axes."""
+    p = {"a": _dense((4, 6)), "c": _dense((6, 2), 1), "d": _dense((4, 5), 2),
+         "e": _dense((5, 3), 3)}
+
+    def f(p, x):
+        outer = jax.nn.relu(x @ p["a"])[:, :, None] * p["c"][None]
+        return outer.reshape(x.shape[0], -1).mean(-1, keepdims=True) + jax.nn.relu(
+            x @ p["d"]) @ p["e"]
+
+    with pytest.warns(UnfollowedOpWarning, match="merges two channel axes") as record:
+        groups = channel_groups(f, p, jnp.ones((2, 4)))
+    assert groups.names == ("d",)
+    assert "merges two channel axes" in groups.unprunable["a[1]"]
+    message = " ".join(str(w.message) for w in record)
+    assert "a[1]" in message and "c[0]" in message
+
+
 def test_attention_heads_are_one_group_and_head_width_is_pinned():
     """q/k/v heads and the output projection form a group; q.k's head width is pinned."""
     d, h, hd = 6, 2, 3

@@ -134,6 +134,18 @@ def test_select_per_group_ratios_by_regex():
         select_channels(groups, scores, ratio={"head": 0.5})
 
 
+@pytest.mark.parametrize("ratio", [jnp.float32(0.5), np.float32(0.5), jnp.array(0.5)])
+def test_select_takes_numpy_and_jax_scalar_ratios(ratio):
+    """A 0-d NumPy or JAX ratio is a number like any other; a bool or a vector is not."""
+    group = ChannelGroup("g", 4, ())
+    scores = {"g": jnp.arange(4.0)}
+    assert int(select_channels([group], scores, ratio=ratio)["g"].sum()) == 2
+    assert int(select_channels([group], scores, ratio={"g": ratio})["g"].sum()) == 2
+    for bad in (jnp.array(True), jnp.array([0.5])):
+        with pytest.raises(ValueError, match="ratio must be a number"):
+            select_channels([group], scores, ratio=bad)
+
+
 def test_select_global_compares_normalized_scores_across_groups():
     """Global scope removes the lowest scores wherever they are, after dividing by group means."""
     groups = [ChannelGroup("a", 4, ()), ChannelGroup("b", 4, ())]

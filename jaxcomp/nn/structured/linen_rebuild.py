@@ -137,7 +137,9 @@ def _needs(records: Mapping[tuple[str, ...], nn.Module], old: Mapping[str, tuple
         if kind == "conv" and getattr(module, "feature_group_count", 1) > 1:
             kernel_path = "/".join((coll, *opath, "kernel"))
             kernel, was = new[kernel_path], old[kernel_path]
-            if kernel[-2] == was[-2]:  # depthwise: whole groups went, each keeps its outputs
+            # Depthwise (one input a group): whole groups go. A grouped conv with wider groups
+            # narrows every group alike and keeps its group count.
+            if was[-2] == 1:
                 after["feature_group_count"] = kernel[-1] // (was[-1] // module.feature_group_count)
         for name, value in after.items():
             current = getattr(module, name, None)

@@ -85,7 +85,9 @@ def _update_attributes(module: nnx.Module) -> None:
                 f"old shape {was}"
             )
         groups = getattr(module, "feature_group_count", 1)
-        if groups > 1 and shape[-2] == was[-2]:  # depthwise: whole groups went
+        # Depthwise (one input a group): whole groups go. A grouped conv with wider groups
+        # narrows every group alike and keeps its group count.
+        if groups > 1 and was[-2] == 1:
             groups = shape[-1] // (was[-1] // groups)
             module.feature_group_count = groups
         module.kernel_shape = shape
