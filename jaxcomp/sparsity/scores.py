@@ -173,7 +173,7 @@ class Taylor(Score):
     """First-order Taylor importance (w * g)^2, averaged over steps (Molchanov et al. 2019).
 
     The score (and the state) is the square root of that running average, which ranks the
-    same: squaring would take any |w * g| below about 2**-49 under the 2**-98 floor of scores
+    same: squaring would take any ``|w * g|`` below about 2**-49 under the 2**-98 floor of scores
     (see `Score`), where it ties with 0.
 
     Attributes:
