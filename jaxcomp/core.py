@@ -147,7 +147,7 @@ def is_compressed(x: Any) -> bool:
     return isinstance(x, CompressedLeaf)
 
 
-def materialize(tree: Any) -> Any:
+def materialize(tree: Any, *, keep: type | tuple[type, ...] = ()) -> Any:
     """Replaces every compressed leaf of `tree` by its dense array; plain leaves are untouched.
 
     It is a `jax.tree.map` over the tree, so it works on any pytree (Linen `params` dicts, NNX
@@ -156,9 +156,11 @@ def materialize(tree: Any) -> Any:
 
     Args:
       tree: any pytree, or a single compressed leaf.
+      keep: compressed leaf classes left as they are, e.g. the factorized kernels that
+        `jaxcomp.nn.decompose.intercept_factorized` runs: `materialize(tree, keep=Factorized)`.
 
     Returns:
-      The tree with each compressed leaf replaced by `leaf.materialize()`.
+      The tree with each compressed leaf (not of a `keep` class) replaced by `leaf.materialize()`.
 
     Example:
         >>> params = {"dense": {"kernel": jnp.ones((2, 2))}}
@@ -166,7 +168,8 @@ def materialize(tree: Any) -> Any:
         (2, 2)
     """
     return jax.tree.map(
-        lambda x: x.materialize() if is_compressed(x) else x, tree, is_leaf=is_compressed
+        lambda x: x.materialize() if is_compressed(x) and not isinstance(x, keep) else x,
+        tree, is_leaf=is_compressed,
     )
 
 

@@ -27,6 +27,13 @@ def test_materialize_replaces_compressed_leaves_and_keeps_plain_ones():
     chex.assert_trees_all_close(materialize(leaf), out["q"])
 
 
+def test_materialize_keeps_the_leaf_classes_asked_for():
+    leaf = make_scaled_int()
+    out = materialize({"q": leaf, "w": jnp.ones(2)}, keep=ScaledInt)
+    assert out["q"] is leaf
+    assert materialize({"q": leaf}, keep=(ScaledInt,))["q"] is leaf
+
+
 class MaterializeUnderJit(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_same_result_with_and_without_jit(self):

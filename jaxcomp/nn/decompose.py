@@ -279,6 +279,12 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         return next_fun(*args, **kwargs)
     kernel = scope.get_variable("params", "kernel")
     if not isinstance(kernel, Factorized):
+        if is_compressed(kernel):
+            raise ValueError(
+                f"{_join(*scope.path, 'kernel')}: intercept_factorized runs factorized kernels; "
+                f"this one is a {type(kernel).__name__}: densify the other compressed leaves "
+                "first with jaxcomp.materialize(params, keep=Factorized)"
+            )
         return next_fun(*args, **kwargs)
     path = _join(*scope.path, "kernel")
     if not isinstance(module, _RUNNABLE):

@@ -177,6 +177,27 @@ def test_linen_interceptor_runs_the_factors_and_equals_materialize():
     assert counted["stage1_block0/Conv_0/kernel"] == kernel.flops((2, 8, 8, 4))
 
 
+def test_linen_interceptor_with_other_compressed_kernels_asks_to_densify_them():
+    """A tree that also holds other compressed kernels (pruned, quantized) raises naming the
+    layer; materialize(keep=Factorized) densifies those and keeps the factors running."""
+    from jaxcomp.decompose import Factorized
+    from jaxcomp.quant import QuantSpec, quantize
+
+    variables = decompose_linen(LINEN, LINEN_VARS, X, ranks=2, where=r"head/kernel")
+    params = dict(variables["params"])
+    stem = dict(params["stem_conv"])
+    stem["kernel"] = quantize(stem["kernel"], QuantSpec(channel_axes=(-1,)))
+    params["stem_conv"] = stem
+    variables = {**variables, "params": params}
+    with pytest.raises(ValueError, match="stem_conv/kernel: intercept_factorized runs factorized kernels; "
+                                         "this one is a QArray"):
+        linen_factorized(variables, X)
+    kept = jaxcomp.materialize(variables, keep=Factorized)
+    assert isinstance(kept["params"]["head"]["kernel"], Factorized)
+    chex.assert_trees_all_close(linen_factorized(kept, X),
+                                linen_dense(jaxcomp.materialize(variables), X), atol=1e-5)
+
+
 def test_linen_interceptor_uses_the_modules_own_spec():
     """The interceptor takes stride/padding/dilation from the Linen module, not the leaf."""
     tree = jaxcomp.decompose.decompose_tree(LINEN_VARS["params"], 2, where=r"stage1_block0/Conv_0/kernel")
