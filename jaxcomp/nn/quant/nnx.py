@@ -156,7 +156,9 @@ def quantize_inputs_nnx(
       model: the NNX model (modified in place: layers at path `p` move to `p/layer`).
       spec: the activation spec.
       method: "dynamic" (per-batch ranges), "static" (ranges from `calibrate_nnx`), "lsq"
-        (learned steps, initialised by `calibrate_nnx`) or "pact" (learned clips).
+        (learned steps, initialised by `calibrate_nnx`) or "pact" (learned clips). Until
+        `calibrate_nnx` runs (or a checkpoint restores them), a static scale and an LSQ step
+        are 1 and a PACT clip is 6.
       where: which layers, by attribute path ("layers/0", "head"): regex, predicate or None.
       ste: "clipped" or "plain".
       observer: the observer `calibrate_nnx` uses.
