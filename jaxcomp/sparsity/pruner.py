@@ -311,9 +311,9 @@ def all_masks(
 ) -> list[list[jax.Array]]:
     """Keep-masks of every group's leaves (each in `group.positions` order).
 
-    Every leaf keeps at least one unit. All thresholds are searched together, in one program. With `previous` masks, weights they
-    prune score lowest, so masks only shrink while the target does not decrease (pruned weights
-    are zero, and stay pruned).
+    Every leaf keeps at least one unit. All thresholds are searched together, in one program.
+    With `previous` masks, weights they prune score lowest, so masks only shrink while the
+    target does not decrease (pruned weights are zero, and stay pruned).
     """
     units, unit_groups, weights, ks, plan = [], [], [], [], []
     for group, state, key in zip(groups, states, keys):
