@@ -122,7 +122,7 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
         and not activations.is_fp8 and activations.bits <= 8 and lay_w.grouped_shape == lay_w.shape
         and all(d == 1 for a, d in enumerate(lay_w.params_shape) if a != out_axis)
         and not activations.channel_axes and activations.group_size is None
-        and (int8_without_zero_point(activations, None) and activations.symmetric
+        and ((activations.symmetric and int8_without_zero_point(activations, None))
              or all(d == 1 for d in lhs_dilation))
     )
     if strategy == "auto" and int_ok:

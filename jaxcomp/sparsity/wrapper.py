@@ -184,11 +184,11 @@ def prune(
         g_leaves = treedef.flatten_up_to(updates)
         check_pruned_leaves(groups, p_leaves, g_leaves, "the gradients")
         try:
-            mask_list = treedef.flatten_up_to(state.masks)
+            old_masks = treedef.flatten_up_to(state.masks)
         except (ValueError, TypeError) as e:
             raise ValueError(f"the PruneState's masks do not match the params (was the state "
                              f"built from other params?): {e}") from e
-        check_pruned_leaves(groups, p_leaves, mask_list, "the PruneState's masks (was the state "
+        check_pruned_leaves(groups, p_leaves, old_masks, "the PruneState's masks (was the state "
                             "built from other params?)")
         count = state.count
         score_state = tuple(
@@ -197,7 +197,6 @@ def prune(
             for group, st in zip(groups, state.score_state)
         )
         selected = [i for group in groups for i in group.positions]
-        old_masks = mask_list
 
         changed = jnp.zeros((), bool)
         for group in groups:
