@@ -23,20 +23,41 @@ def _concrete(value: jax.typing.ArrayLike) -> np.ndarray | None:
     return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
 
 
-def _check(temperature: jax.typing.ArrayLike, alpha: jax.typing.ArrayLike | None = None) -> None:
+def _number(name: str, value: jax.typing.ArrayLike) -> np.ndarray | None:
+    """`value` as a concrete real scalar (None when traced); anything else raises ValueError."""
+    if isinstance(value, jax.core.Tracer):
+        if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.number):
+            raise ValueError(f"{name} must be a real scalar, got a traced {value.dtype}"
+                             f"{list(value.shape)}")
+        return None
+    array = np.asarray(value) if isinstance(value, (int, float, np.generic, np.ndarray,
+                                                    jax.Array)) else None
+    if (array is None or array.dtype == bool or not np.issubdtype(array.dtype, np.number)
+            or np.iscomplexobj(array)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if array.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {array.shape}")
+    return array
+
+
+_NO_ALPHA = object()
+
+
+def _check(temperature: jax.typing.ArrayLike, alpha: object = _NO_ALPHA) -> None:
     # Checked only when concrete, so a traced temperature or alpha works under jit.
-    if np.ndim(temperature) != 0:
-        raise ValueError(f"temperature must be a scalar, got shape {np.shape(temperature)}")
-    t = _concrete(temperature)
+    t = _number("temperature", temperature)
     if t is not None and not (np.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {t}")
-    if alpha is None:
+    if alpha is _NO_ALPHA:
         return
-    if np.ndim(alpha) != 0:
-        raise ValueError(f"alpha must be a scalar, got shape {np.shape(alpha)}")
-    a = _concrete(alpha)
+    a = _number("alpha", alpha)
     if a is not None and not 0.0 <= a <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {a}")
+
+
+def _compute_dtype(x: jax.Array) -> jax.Array:
+    """`x` in at least float32: softmaxes and squares of bf16/f16 values lose most digits."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_labels(labels: jax.Array, student_logits: jax.Array) -> None:
@@ -61,7 +82,8 @@ def soft_target_kl(
     """Mean KL(p_teacher^T || p_student^T) between softmaxes at temperature T, times T^2.
 
     The T^2 factor (Hinton et al. 2015) keeps the gradient scale independent of T. The teacher
-    gets no gradient. Classes masked out with `-inf` teacher logits (padding, a restricted
+    gets no gradient. bf16/f16 logits are softmaxed in float32 (the result is float32), and an
+    empty batch gives 0. Classes masked out with `-inf` teacher logits (padding, a restricted
     vocabulary) add nothing, as 0 log 0 = 0, and the loss and gradients stay finite.
 
     Args:
@@ -81,11 +103,18 @@ def soft_target_kl(
         0.0
     """
     _check(temperature)
+    student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
             "must have the same shape"
         )
+    # Computed in (at least) float32 whatever the logits' dtype: bf16 logits divided by T and
+    # softmaxed in bf16 would be off by tens of percent.
+    student_logits = _compute_dtype(student_logits)
+    teacher_logits = _compute_dtype(teacher_logits)
+    if student_logits.size == 0:  # an empty batch: nothing to match (not the mean's 0/0)
+        return jnp.zeros((), student_logits.dtype) * jnp.sum(student_logits)
     log_teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
     log_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
     teacher = jnp.exp(log_teacher)
@@ -129,10 +158,12 @@ def distillation_loss(
         True
     """
     _check(temperature, alpha)
-    labels = jnp.asarray(labels)
+    student_logits, labels = jnp.asarray(student_logits), jnp.asarray(labels)
     _check_labels(labels, student_logits)
     classes = student_logits.shape[-1]
-    hard = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
+    if student_logits.size == 0:
+        return soft_target_kl(student_logits, teacher_logits, temperature)
+    hard = optax.softmax_cross_entropy_with_integer_labels(_compute_dtype(student_logits), labels)
     # Traced labels are not checked; one out of range makes the loss NaN rather than wrapping.
     hard = jnp.where((labels >= 0) & (labels < classes), hard, jnp.nan).mean()
     return (1.0 - alpha) * hard + alpha * soft_target_kl(student_logits, teacher_logits, temperature)
@@ -145,6 +176,9 @@ def feature_distillation_loss(
     normalize: bool = False,
 ) -> jax.Array:
     """Mean squared error between intermediate features (FitNets-style hints).
+
+    Computed in (at least) float32, so large bf16/f16 features do not overflow; an empty batch
+    gives 0.
 
     For a structurally pruned student whose widths differ, project the student's features to the
     teacher's width first (e.g. with a learned `nn.Dense`) and pass the projection.
@@ -166,18 +200,22 @@ def feature_distillation_loss(
         >>> float(feature_distillation_loss(f, 2 * f, normalize=True))
         0.0
     """
+    student_features = jnp.asarray(student_features)
+    teacher_features = jnp.asarray(teacher_features)
     if student_features.shape != teacher_features.shape:
         raise ValueError(
             f"student features {student_features.shape} and teacher features "
             f"{teacher_features.shape} must have the same shape (project the student first)"
         )
-    teacher = jax.lax.stop_gradient(teacher_features)
-    student = student_features
+    teacher = _compute_dtype(jax.lax.stop_gradient(teacher_features))
+    student = _compute_dtype(student_features)
+    if normalize and student.ndim == 0:
+        raise ValueError(
+            "normalize=True needs features with a batch axis, got student_features of shape ()"
+        )
+    if student.size == 0:  # an empty batch: nothing to match (not the mean's 0/0)
+        return jnp.zeros((), student.dtype) * jnp.sum(student)
     if normalize:
-        if student.ndim == 0:
-            raise ValueError(
-                "normalize=True needs features with a batch axis, got student_features of shape ()"
-            )
         student, teacher = _unit_rows(student), _unit_rows(teacher)
     return jnp.mean((student - teacher) ** 2)
 
@@ -185,8 +223,6 @@ def feature_distillation_loss(
 def _unit_rows(x: jax.Array) -> jax.Array:
     """Each example's features scaled to unit L2 norm; an all-zero example stays zero."""
     x = x.reshape(x.shape[0], -1)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.result_type(float))
     # Dividing by the largest magnitude first keeps tiny features from underflowing in the norm;
     # the wheres keep the zero row's 0/0 out of values and gradients.
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)

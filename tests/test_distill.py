@@ -71,6 +71,10 @@ def test_feature_loss_is_mse_and_scale_free_when_normalized():
         (lambda: distillation_loss(S, T, Y.at[0].set(5)), r"labels must be in \[0, 5\), got 5"),
         (lambda: distillation_loss(S, T, Y.at[0].set(-1)), r"labels must be in \[0, 5\), got -1"),
         (lambda: feature_distillation_loss(S[0, 0], T[0, 0], normalize=True), "batch axis"),
+        (lambda: soft_target_kl(S, T, None), "temperature must be a real number, got None"),
+        (lambda: soft_target_kl(S, T, "2"), "temperature must be a real number"),
+        (lambda: soft_target_kl(S, T, True), "temperature must be a real number, got True"),
+        (lambda: distillation_loss(S, T, Y, alpha=None), "alpha must be a real number"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message):
@@ -109,3 +113,28 @@ def test_traced_temperature_and_labels_work_under_jit():
                                rtol=1e-6)
     assert np.isnan(float(loss(2.0, Y.at[0].set(-1))))
     assert np.isnan(float(loss(2.0, Y.at[0].set(7))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_logits_and_features_are_computed_in_float32(dtype):
+    """bf16/f16 inputs give the float32 loss of the same rounded values (bf16 softmaxes at T=10
+    were off by a factor of 3), and large f16 features do not overflow when squared."""
+    s, t = (S * 3).astype(dtype), (T * 3).astype(dtype)
+    for temperature in (1.0, 10.0):
+        np.testing.assert_allclose(
+            soft_target_kl(s, t, temperature),
+            soft_target_kl(s.astype(jnp.float32), t.astype(jnp.float32), temperature), rtol=1e-5)
+    np.testing.assert_allclose(
+        distillation_loss(s, t, Y, temperature=4.0),
+        distillation_loss(s.astype(jnp.float32), t.astype(jnp.float32), Y, temperature=4.0),
+        rtol=1e-5)
+    big = jnp.full((2, 3), 300.0, dtype)
+    assert float(feature_distillation_loss(big, jnp.zeros((2, 3), dtype))) == 90000.0
+
+
+def test_empty_batch_gives_zero_not_nan():
+    empty = jnp.zeros((0, 5))
+    assert float(soft_target_kl(empty, empty)) == 0.0
+    assert float(distillation_loss(empty, empty, jnp.zeros((0,), jnp.int32))) == 0.0
+    for normalize in (False, True):
+        assert float(feature_distillation_loss(empty, empty, normalize=normalize)) == 0.0
