@@ -62,12 +62,14 @@ class CompressedLeaf(abc.ABC):
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the dense array."""
-        return tuple(jax.eval_shape(self.materialize).shape)
+        # The leaf is passed in (not closed over) so that abstract leaves, whose fields are
+        # ShapeDtypeStructs, trace too.
+        return tuple(jax.eval_shape(lambda leaf: leaf.materialize(), self).shape)
 
     @property
     def dtype(self) -> np.dtype:
         """Dtype of the dense array."""
-        return jax.eval_shape(self.materialize).dtype
+        return jax.eval_shape(lambda leaf: leaf.materialize(), self).dtype
 
     @property
     def size(self) -> int:
@@ -156,8 +158,9 @@ def materialize(tree: Any, *, keep: type | tuple[type, ...] = ()) -> Any:
 
     Args:
       tree: any pytree, or a single compressed leaf.
-      keep: compressed leaf classes left as they are, e.g. the factorized kernels that
-        `jaxcomp.nn.decompose.intercept_factorized` runs: `materialize(tree, keep=Factorized)`.
+      keep: compressed leaf classes (a class, or a tuple or list of them) left as they are, e.g.
+        the factorized kernels that `jaxcomp.nn.decompose.intercept_factorized` runs:
+        `materialize(tree, keep=Factorized)`.
 
     Returns:
       The tree with each compressed leaf (not of a `keep` class) replaced by `leaf.materialize()`.
@@ -166,7 +169,14 @@ def materialize(tree: Any, *, keep: type | tuple[type, ...] = ()) -> Any:
         >>> params = {"dense": {"kernel": jnp.ones((2, 2))}}
         >>> materialize(params)["dense"]["kernel"].shape
         (2, 2)
+
+    Raises:
+      ValueError: if `keep` is not a class or a sequence of classes.
     """
+    keep = tuple(keep) if isinstance(keep, (list, tuple, set, frozenset)) else (keep,)
+    bad = [k for k in keep if not isinstance(k, type)]
+    if bad:
+        raise ValueError(f"materialize: keep must be compressed-leaf classes, got {bad[0]!r}")
     return jax.tree.map(
         lambda x: x.materialize() if is_compressed(x) and not isinstance(x, keep) else x,
         tree, is_leaf=is_compressed,
@@ -181,9 +191,14 @@ def bit_width(dtype: Any) -> int:
         >>> bit_width(jnp.int4), bit_width(jnp.float32)
         (4, 32)
     """
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return 32 * math.prod(jax.eval_shape(jax.random.key_data,
+                                             jax.ShapeDtypeStruct((), dtype)).shape)
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return 8
+    if np.issubdtype(dtype, np.complexfloating):
+        return dtype.itemsize * 8
     try:
         return int(jnp.iinfo(dtype).bits)
     except ValueError:
@@ -209,6 +224,17 @@ def stored_nbytes(tree: Any) -> int:
             total += leaf.nbytes
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             total += -(-math.prod(leaf.shape) * bit_width(leaf.dtype) // 8)
-        else:
-            total += np.asarray(leaf).nbytes
+        else:  # Python scalars: the dtype JAX stores them in (int32/float32 without x64)
+            total += bit_width(leaf_dtype(leaf)) // 8
     return total
+
+
+def leaf_dtype(leaf: Any) -> Any:
+    """The dtype `leaf` has as a JAX value: Python scalars as JAX stores them (int32 and
+    float32 unless x64 is on), arrays and `ShapeDtypeStruct`s their own."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None:
+        return dtype
+    if isinstance(leaf, (bool, int, float, complex)):
+        return jax.eval_shape(lambda: jnp.asarray(leaf)).dtype
+    return np.asarray(leaf).dtype

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcomp.core import bit_width, is_compressed, stored_nbytes
+from jaxcomp.core import bit_width, is_compressed, leaf_dtype, stored_nbytes
 from jaxcomp.flops import FlopCount
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
@@ -203,7 +203,7 @@ def _row(path: str, leaf: Any, flops: int | None) -> ReportRow:
             flops=flops,
         )
     shape = tuple(np.shape(leaf))
-    dtype = np.dtype(getattr(leaf, "dtype", None) or np.asarray(leaf).dtype)
+    dtype = leaf_dtype(leaf)
     nbytes = stored_nbytes(leaf)
     return ReportRow(
         path=path,

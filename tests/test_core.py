@@ -32,6 +32,15 @@ def test_materialize_keeps_the_leaf_classes_asked_for():
     out = materialize({"q": leaf, "w": jnp.ones(2)}, keep=ScaledInt)
     assert out["q"] is leaf
     assert materialize({"q": leaf}, keep=(ScaledInt,))["q"] is leaf
+    assert materialize({"q": leaf}, keep=[ScaledInt])["q"] is leaf
+    with pytest.raises(ValueError, match="keep must be compressed-leaf classes, got 'ScaledInt'"):
+        materialize({"q": leaf}, keep="ScaledInt")
+
+
+def test_an_abstract_leaf_knows_its_shape_and_dtype():
+    """Fields that are ShapeDtypeStructs (jax.eval_shape) still give the dense shape and dtype."""
+    abstract = jax.eval_shape(lambda: make_scaled_int((4, 3)))
+    assert abstract.shape == (4, 3) and abstract.dtype == jnp.float32
 
 
 class MaterializeUnderJit(chex.TestCase):

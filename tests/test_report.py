@@ -64,3 +64,14 @@ def test_sparsity_counts_exact_zeros_and_is_unknown_for_abstract_trees():
     assert r.totals.sparsity == 15 / 25
     abstract = report(jax.eval_shape(lambda: params))
     assert abstract.rows[0].sparsity is None and abstract.totals.sparsity is None
+
+
+def test_bytes_of_complex_python_scalar_and_key_leaves():
+    """complex64 counts 8 bytes an element; Python scalars count as JAX stores them (int32 and
+    float32 without x64); PRNG keys (an NNX model's full state) count their key data."""
+    r = report({"c": jnp.zeros(2, jnp.complex64), "i": 3, "f": 1.5})
+    assert {row.path: row.nbytes for row in r.rows} == {"c": 16, "i": 4, "f": 4}
+    model = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    rows = {row.path: row for row in report(nnx.state(model)).rows}
+    key = next(row for path, row in rows.items() if path.endswith("key"))
+    assert key.nbytes == 8 and "key" in key.dtype
