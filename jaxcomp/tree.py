@@ -69,12 +69,25 @@ def key_path_str(key_path: Sequence[Any]) -> str:
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """Returns `(path, leaf)` pairs in flattening order, compressed leaves kept whole.
 
+    Raises:
+      ValueError: if two leaves have the same path (a key containing "/", such as
+        `{"a/kernel": x, "a": {"kernel": y}}`): every `where=` and per-path setting would be
+        ambiguous.
+
     Example:
         >>> leaves_with_paths({"a": {"kernel": 1.0}, "b": [2.0]})
         [('a/kernel', 1.0), ('b/0', 2.0)]
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
-    return [(key_path_str(path), leaf) for path, leaf in flat]
+    pairs = [(key_path_str(path), leaf) for path, leaf in flat]
+    if len({path for path, _ in pairs}) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(p for p, _ in pairs if p in seen or seen.add(p))
+        raise ValueError(
+            f"two leaves of the tree have the path {duplicate!r}: a key containing '/' collides "
+            "with a nested one; rename one of them (paths are how where= and per-path settings "
+            "name leaves)")
+    return pairs
 
 
 def tree_paths(tree: Any) -> list[str]:

@@ -148,3 +148,11 @@ def test_assert_same_structure_names_the_difference():
     assert_same_structure(PARAMS, jax.tree.map(lambda x: x > 0, PARAMS), what="masks")
     with pytest.raises(ValueError, match="masks does not match.*missing paths: 'Dense_1/"):
         assert_same_structure(PARAMS, {"Dense_0": PARAMS["Dense_0"]}, what="masks")
+
+
+def test_colliding_paths_are_an_error_not_a_silent_swap():
+    """A key containing "/" that collides with a nested key would make where= ambiguous (and
+    once swapped two kernels in decompose_tree)."""
+    tree = {"a/kernel": jnp.ones((2, 2)), "a": {"kernel": jnp.zeros((2, 2))}}
+    with pytest.raises(ValueError, match="two leaves of the tree have the path 'a/kernel'"):
+        select(tree, r".*kernel")

@@ -48,6 +48,8 @@ def to_host(kernel: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name}: cannot decompose an abstract array (ShapeDtypeStruct)")
     if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
         raise ValueError(f"{name}: kernel must be floating point, got {jnp.result_type(kernel)}")
+    if 0 in np.shape(kernel):
+        raise ValueError(f"{name}: cannot decompose an empty kernel of shape {np.shape(kernel)}")
     host = np.asarray(jax.device_get(kernel), dtype=np.float64)
     if not np.all(np.isfinite(host)):
         raise ValueError(f"{name}: kernel holds NaN or infinite values")

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Union
 
+import jax
 import numpy as np
 
 from jaxcomp.decompose.vbmf import vbmf_spectrum
@@ -43,9 +44,16 @@ __all__ = [
 ]
 
 
-def _check_fraction(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+def _check_fraction(rule: object, field: str, name: str) -> None:
+    """Checks `rule.<field>` is a real number in (0, 1] and stores it as a Python float (NumPy
+    and concrete JAX scalars are accepted)."""
+    value = getattr(rule, field)
+    real = (isinstance(value, (int, float, np.integer, np.floating))
+            or (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+                and np.issubdtype(np.asarray(value).dtype, np.floating)))
+    if isinstance(value, (bool, np.bool_)) or not real or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    object.__setattr__(rule, field, float(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,7 @@ class RankRatio:
     ratio: float
 
     def __post_init__(self):
-        _check_fraction(self.ratio, "RankRatio.ratio")
+        _check_fraction(self, "ratio", "RankRatio.ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +114,7 @@ class ParamRatio:
     ratio: float
 
     def __post_init__(self):
-        _check_fraction(self.ratio, "ParamRatio.ratio")
+        _check_fraction(self, "ratio", "ParamRatio.ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +129,7 @@ class Energy:
     threshold: float = 0.9
 
     def __post_init__(self):
-        _check_fraction(self.threshold, "Energy.threshold")
+        _check_fraction(self, "threshold", "Energy.threshold")
 
 
 @dataclasses.dataclass(frozen=True)

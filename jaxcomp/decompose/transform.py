@@ -107,9 +107,10 @@ def decompose_tree(
     """Replaces the selected Dense/Conv kernels of `params` by factorized leaves.
 
     Runs once, outside `jit` (the decompositions run on the host). Leaves that `where` selects
-    but that are not 2-D or 4-D float arrays, or are already compressed, are left as they are;
-    with an explicit `method`, kernels of the other kind are left dense too (`method="tucker2"`
-    factorizes the 4-D kernels only).
+    but that are not 2-D or 4-D arrays, or are already compressed, are left as they are; with an
+    explicit `method`, kernels of the other kind are left dense too (`method="tucker2"`
+    factorizes the 4-D kernels only). A selected 2-D or 4-D kernel that is not floating point,
+    empty, abstract or not finite raises (a `ValueError` naming its path).
 
     Args:
       params: a params tree (Linen `params` dict, NNX `State`, any pytree).
@@ -131,8 +132,9 @@ def decompose_tree(
       The tree with factorized leaves in place of the selected kernels.
 
     Raises:
-      ValueError: naming the path and value, for an invalid rank or method, or when `where`
-        selects no kernel that `method` applies to.
+      ValueError: naming the path and value, for an invalid rank or method, a selected kernel
+        that is not a finite, non-empty float array, or when `where` selects no kernel that
+        `method` applies to.
 
     Example:
         >>> import jax.numpy as jnp

@@ -170,6 +170,7 @@ def test_decompositions_are_deterministic():
         (lambda: decompose_svd(np.full((4, 4), np.nan), 2), "NaN"),
         (lambda: decompose_svd(jax.ShapeDtypeStruct((4, 4), jnp.float32), 2), "abstract"),
         (lambda: decompose_svd(np.ones((4, 4), np.int32), 2), "floating point"),
+        (lambda: decompose_svd(np.ones((0, 4), np.float32), 1), r"empty kernel of shape \(0, 4\)"),
         (lambda: decompose_tt(DENSE, 2, in_modes=(5, 2), out_modes=(2, 4)), "do not factor"),
     ],
 )

@@ -55,6 +55,14 @@ def test_invalid_rules_raise_at_construction(rule):
         rule()
 
 
+def test_fractions_take_numpy_and_jax_scalars_and_reject_other_types():
+    assert Energy(np.float32(0.5)).threshold == 0.5 and RankRatio(jnp.float32(0.25)).ratio == 0.25
+    assert ParamRatio(1).ratio == 1.0
+    for bad in (True, "0.5", None, np.array([0.5])):
+        with pytest.raises(ValueError, match="Energy.threshold must be a number in"):
+            Energy(bad)
+
+
 def test_rank_above_the_dimension_is_clipped_with_a_warning():
     """FixedRank above a mode's dimension is clipped to it, with a warning naming the path."""
     with pytest.warns(UserWarning, match="conv/kernel: Tucker-2 rank 50 of mode 1 clipped to 10"):
