@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,10 @@ import optax
 import jaxcomp
 
 __all__ = ["main", "run_demo"]
+
+
+class _UsageError(ValueError):
+    """A demo argument out of range (the command prints it and exits with status 2)."""
 
 
 def run_demo(
@@ -61,7 +66,9 @@ def run_demo(
       `compression_ratio`, `train_seconds`, ...
 
     Raises:
-      ValueError: for a sparsity outside [0, 1) or bits outside 2..8.
+      ValueError: for a sparsity outside [0, 1), bits outside 2..8, a non-positive or non-finite
+        learning rate, epochs < 1, prune_epochs < 0, a negative seed, or a batch size outside
+        1..1,438 (the training images).
 
     Example:
         >>> figures = run_demo(epochs=1, prune_epochs=1, log=None)  # doctest: +SKIP
@@ -78,11 +85,21 @@ def run_demo(
     from jaxcomp.testing.train import evaluate_linen, fit_linen, init_linen
 
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"demo sparsity must be in [0, 1), got {sparsity!r}")
+        raise _UsageError(f"demo sparsity must be in [0, 1), got {sparsity!r}")
     if not 2 <= bits <= 8:
-        raise ValueError(f"demo bits must be in 2..8, got {bits!r}")
-    say = log or (lambda line: None)
+        raise _UsageError(f"demo bits must be in 2..8, got {bits!r}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise _UsageError(f"demo learning rate must be a finite number > 0, got {learning_rate!r}")
+    if epochs < 1 or prune_epochs < 0:
+        raise _UsageError(f"demo epochs must be >= 1 and prune epochs >= 0, got {epochs!r} and "
+                         f"{prune_epochs!r}")
+    if seed < 0:
+        raise _UsageError(f"demo seed must be >= 0, got {seed!r}")
     data = load_digits(seed=seed)
+    if not 1 <= batch_size <= len(data.x_train):
+        raise _UsageError(f"demo batch size must be in 1..{len(data.x_train)} (the training "
+                         f"images), got {batch_size!r}")
+    say = log or (lambda line: None)
     say(
         f"jaxcomp demo: LeNet-5 on scikit-learn digits ({len(data.x_train)} train / "
         f"{len(data.x_eval)} eval images of {data.input_shape[0]}x{data.input_shape[1]})"
@@ -177,23 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jaxcomp` command; returns the process exit status."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
-            print("jaxcomp demo: --epochs, --batch-size and --learning-rate must be positive",
-                  file=sys.stderr)
+        try:
+            figures = run_demo(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                sparsity=args.sparsity,
+                prune_epochs=args.prune_epochs,
+                bits=args.bits,
+                seed=args.seed,
+            )
+        except _UsageError as e:  # bad arguments: a message, not a traceback
+            print(f"jaxcomp demo: {e}", file=sys.stderr)
             return 2
-        if not 0 <= args.sparsity < 1 or not 2 <= args.bits <= 8 or args.prune_epochs < 0:
-            print("jaxcomp demo: --sparsity must be in [0, 1), --bits in 2..8 and "
-                  "--prune-epochs >= 0", file=sys.stderr)
-            return 2
-        figures = run_demo(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            sparsity=args.sparsity,
-            prune_epochs=args.prune_epochs,
-            bits=args.bits,
-            seed=args.seed,
-        )
         if args.json:
             print(json.dumps(figures), flush=True)
     return 0

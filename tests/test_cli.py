@@ -40,8 +40,16 @@ def test_run_demo_rejects_bad_settings():
         run_demo(bits=1, log=None)
 
 
-def test_bad_arguments_exit_with_status_2(capsys):
-    assert main(["demo", "--epochs", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
-    assert main(["demo", "--sparsity", "1.5"]) == 2
-    assert "--sparsity" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+        (["--batch-size", "100000"], "batch size must be in 1..1438"),
+        (["--seed", "-1"], "seed must be >= 0"),
+        (["--learning-rate", "nan"], "learning rate must be a finite number > 0"),
+    ],
+)
+def test_bad_arguments_exit_with_status_2(capsys, argv, message):
+    assert main(["demo", *argv]) == 2
+    assert message in capsys.readouterr().err
