@@ -2,10 +2,14 @@
 
 FLOPs are counted as 2 x the multiply-accumulates of `dot_general` and `conv_general_dilated`
 (the convention of Torch-Pruning, fvcore and NNI counters, which count MACs and leave elementwise
-work out). Each matmul or convolution is attributed to the parameter leaf its weight operand comes
+work out; a transposed convolution counts its inputs times the window, not the zeros it inserts).
+The body of a `while_loop` (unknown trip count) is counted once; `scan` and `fori_loop` with
+static bounds count every iteration. Each matmul or convolution is attributed to the parameter leaf its weight operand comes
 from, followed through casts, reshapes, transposes, elementwise arithmetic, nested `jit` calls and
 custom-derivative calls, so a compressed leaf that is materialized inside the forward pass, or
-applied as a sequence of small factors, is charged to its own path. A product of two activations
+applied as a sequence of small factors, is charged to its own path. Rebuilding a dense kernel
+from its factors inside the forward pass is a real matmul on every call and is counted as one
+(serve factorized kernels with `jaxcomp.nn.decompose.intercept_factorized` to run the factors). A product of two activations
 (attention scores) has no parameter path and counts under `"(activations)"`.
 """
 
@@ -64,11 +68,19 @@ def _dot_flops(eqn: Any) -> int:
 
 
 def _conv_flops(eqn: Any) -> int:
-    rhs = eqn.invars[1].aval
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     out = eqn.outvars[0].aval
     dn = eqn.params["dimension_numbers"]
     rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, *spatial dims)
     window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    if any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
+        # A transposed convolution: the zeros inserted between inputs are not multiplied (the
+        # fvcore convention): every input element meets the whole window, for each output
+        # feature of its group.
+        out_spec = dn.out_spec
+        spatial_in = math.prod(lhs.shape[d] for d in dn.lhs_spec[2:])
+        positions = lhs.shape[dn.lhs_spec[0]] * spatial_in * out.shape[out_spec[1]]
+        return 2 * positions * window * rhs.shape[rhs_spec[1]]
     return 2 * math.prod(out.shape) * window * rhs.shape[rhs_spec[1]]
 
 
@@ -137,7 +149,21 @@ def _walk_sub(
             outs = _walk(first, ins, counts, scale)
             if len(outs) == n_out:
                 return outs
-    # Unknown structure (e.g. while loops): count each body once, treat everything as mixed.
+    if name == "while":
+        # The trip count is not known from the jaxpr: the body is counted once. Loop-carried
+        # values take the union of what the body makes of them (a fixed point, found uncounted).
+        cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        body = eqn.params["body_jaxpr"].jaxpr
+        consts, carry = ins[cond_n:cond_n + body_n], ins[cond_n + body_n:]
+        for _ in range(len(carry) + 1):
+            outs = _walk(body, consts + carry, {}, scale)
+            new = [a | b for a, b in zip(carry, outs)]
+            if new == carry:
+                break
+            carry = new
+        _walk(body, consts + carry, counts, scale)
+        return carry
+    # Unknown structure: count each body once, treat everything as mixed.
     merged = _NONE
     for o in ins:
         merged = merged | o

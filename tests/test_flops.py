@@ -90,3 +90,22 @@ def test_mismatched_inputs_are_explained():
         count_flops(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 3))}, jnp.ones((2, 5)))
 
 
+
+
+def test_transposed_convolution_counts_inputs_not_inserted_zeros():
+    """fvcore/Torch convention: batch * input positions * window * in * out channels * 2."""
+    from flax import linen as nn
+
+    x = jnp.zeros((1, 5, 5, 4))
+    count = _linen_flops(nn.ConvTranspose(6, (3, 3), strides=(2, 2)), x)
+    assert count.per_path == {"kernel": 2 * 25 * 9 * 4 * 6}
+
+
+def test_a_while_loop_body_counts_once_and_keeps_the_weights_path():
+    """Unknown trip count: one body's FLOPs, charged to the weight, not to "(activations)"."""
+    def fn(p, x, n):
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] @ p["w"]),
+                                  (0, x))[1]
+
+    count = count_flops(fn, {"w": jnp.ones((4, 4))}, jnp.ones((2, 4)), 3)
+    assert count.per_path == {"w": 2 * 2 * 4 * 4}
