@@ -112,15 +112,42 @@ def _listing(paths: Sequence[str]) -> str:
     return shown or "(the tree has no leaves)"
 
 
+def _prefix_by_paths(tree: Any, where: Any) -> list[Any]:
+    """Flags of a prefix tree of other container types (a plain dict against an NNX `State` or
+    a `FrozenDict`), matched by path: each leaf takes the flag of the prefix path above it."""
+    prefixes = dict(leaves_with_paths(where))
+    used: set[str] = set()
+    flags = []
+    for path in tree_paths(tree):
+        parts = path.split("/")
+        for end in range(len(parts), -1, -1):
+            prefix = "/".join(parts[:end])
+            if prefix in prefixes:
+                flags.append(prefixes[prefix])
+                used.add(prefix)
+                break
+        else:
+            raise ValueError(f"where= tree has no flag for the leaf {path!r}")
+    unused = [p for p in prefixes if p not in used]
+    if unused:
+        raise ValueError(f"where= tree names {unused[0]!r}, which is not a path (or a prefix of "
+                         f"one) in the params: {_listing(tree_paths(tree))}")
+    return flags
+
+
 def _bool_tree_selection(tree: Any, where: Any) -> list[bool]:
     treedef = jax.tree.structure(tree, is_leaf=is_compressed)
     try:
         full = jax.tree.broadcast(where, tree, is_leaf=is_compressed)
         flags, where_def = jax.tree.flatten(full, is_leaf=is_compressed)
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"where= is a tree that is neither the structure of the params nor a prefix of it: {e}"
-        ) from e
+        try:
+            flags, where_def = _prefix_by_paths(tree, where), treedef
+        except ValueError as by_path:
+            raise ValueError(
+                f"where= is a tree that is neither the structure of the params nor a prefix of "
+                f"it: {by_path}"
+            ) from e
     if where_def.num_leaves != treedef.num_leaves:
         raise ValueError(
             f"where= tree has {where_def.num_leaves} leaves after broadcasting, the params have "

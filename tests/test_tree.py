@@ -156,3 +156,17 @@ def test_colliding_paths_are_an_error_not_a_silent_swap():
     tree = {"a/kernel": jnp.ones((2, 2)), "a": {"kernel": jnp.zeros((2, 2))}}
     with pytest.raises(ValueError, match="two leaves of the tree have the path 'a/kernel'"):
         select(tree, r".*kernel")
+
+
+def test_a_plain_dict_prefix_selects_in_nnx_state_and_frozen_dicts():
+    """The docs' dict-prefix form works whatever the params' container types are."""
+    from flax.core import freeze
+
+    state = nnx.state(nnx_models.MLP(rngs=nnx.Rngs(0)), nnx.Param)
+    first = tree_paths(state)[0].split("/")[0]
+    chosen = selected_paths(state, {first: True, **{k: False for k in state if k != first}})
+    assert chosen and all(p.startswith(first + "/") for p in chosen)
+    frozen = freeze({"a": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}})
+    assert selected_paths(frozen, {"a": {"kernel": True, "bias": False}}) == ["a/kernel"]
+    with pytest.raises(ValueError, match="names 'nope', which is not a path"):
+        selected_paths(frozen, {"a": True, "nope": False})
