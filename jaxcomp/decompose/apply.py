@@ -105,13 +105,27 @@ def tt_dense(
     batch_shape = x.shape[:-1]
     batch = math.prod(batch_shape)
     # t: (batch, m_k, rest of the input modes, output modes done so far, running rank)
-    t = x.reshape(batch, kernel.in_modes[0], -1, 1, 1)
+    t = _reshape_batch_major(x, (batch, kernel.in_modes[0], -1, 1, 1))
     for k, core in enumerate(cores):
         t = jnp.einsum("bmMNr,rmns->bMNns", t, core, precision=precision)
         rest = t.shape[1]
         next_mode = kernel.in_modes[k + 1] if k + 1 < len(cores) else 1
-        t = t.reshape(batch, next_mode, rest // next_mode, -1, core.shape[-1])
-    return _add_bias(t.reshape(*batch_shape, kernel.shape[1]), bias)
+        t = _reshape_batch_major(t, (batch, next_mode, rest // next_mode, -1, core.shape[-1]))
+    return _add_bias(_reshape_batch_major(t, (*batch_shape, kernel.shape[1])), bias)
+
+
+def _reshape_batch_major(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`t.reshape(shape)`, where under explicit sharding the leading (batch) axis keeps its
+    sharding and the regrouped feature axes are replicated: JAX cannot infer the sharding of a
+    reshape that splits and merges axes by itself."""
+    sharding = getattr(jax.typeof(t), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = mesh is not None and any(
+        a == jax.sharding.AxisType.Explicit for a in getattr(mesh, "axis_types", ()))
+    if not explicit:
+        return t.reshape(shape)
+    lead = sharding.spec[0] if len(sharding.spec) else None
+    return jnp.reshape(t, shape, out_sharding=jax.sharding.PartitionSpec(lead))
 
 
 def _flatten_batch(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:

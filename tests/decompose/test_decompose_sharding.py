@@ -38,6 +38,17 @@ def test_factors_keep_the_kernel_sharding_and_run_sharded(subprocess_runner):
         np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-4)
         xd = jax.device_put(rng.normal(size=(8, 16)).astype(np.float32), NamedSharding(mesh, P("model")))
         np.testing.assert_allclose(np.asarray(jax.jit(svd_dense)(xd, svd)), np.asarray(xd @ svd.materialize()), atol=1e-4)
+
+        # Explicit sharding (jax.make_mesh's default): the TT layer's reshapes keep the batch's.
+        from jax.sharding import AxisType
+        from jaxcomp.decompose import tt_dense
+        explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+        tt = decompose_tree({"d": {"kernel": np.asarray(dense)}}, 2, method="tt")["d"]["kernel"]
+        xe = jax.device_put(np.asarray(xd), NamedSharding(explicit, P("data")))
+        with jax.set_mesh(explicit):
+            ye = jax.jit(tt_dense)(xe, tt)
+        assert ye.sharding.spec[0] == "data", ye.sharding
+        np.testing.assert_allclose(np.asarray(ye), np.asarray(xd) @ np.asarray(tt.materialize()), atol=1e-4)
         print("ok")
         """
     )
