@@ -379,7 +379,8 @@ def compute_masks(
       grads: gradients with the structure of `params`, for gradient-based scores.
       key: a `jax.random` key, for `Random` scores.
       step: the step at which schedules are evaluated; needed when a sparsity is a schedule.
-      masks: previous masks; weights they prune stay pruned.
+      masks: previous masks: the weights they prune score lowest, so they stay pruned unless
+        the target is below the previous sparsity (then the best of them come back).
 
     Returns:
       A mask tree: bool keep-masks at the pruned leaves, `None` elsewhere.

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -121,11 +122,19 @@ def prune(
     *,
     key: jax.Array | None = None,
     straight_through: bool = False,
+    update_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps `optimizer` so that its updates prune the params on `pruner`'s schedule.
 
     `update(grads, state, params, **extra_args)` needs `params`; extra arguments are passed to
     the inner optimizer. Scores with state (movement, Taylor) accumulate on every step.
+
+    `prune` must be the last transformation applied to the updates: put the whole optimizer
+    inside it (`prune(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), pruner)`).
+    A transformation chained after it (`optax.chain(prune(...), optax.scale(...))`,
+    `optax.ema`) rescales the `-p` that zeroes the pruned weights, and they come back.
+    Wrappers that pass the updates through unchanged on average (`optax.MultiSteps`,
+    `optax.inject_hyperparams` around `prune`) are fine.
 
     Args:
       optimizer: any optax transformation.
@@ -134,6 +143,11 @@ def prune(
       straight_through: recompute the masks on schedule but leave the weights dense and the
         inner updates unmasked; use `pruned_forward(params, masks_of(state))` in the loss.
         Masks are then not nested: a pruned weight can come back.
+      update_every: also recompute the masks every this many steps, whatever the schedule does
+        (e.g. `1` for SR-STE-style N:M training at a constant sparsity). Default: every step
+        with `straight_through` (the masks follow the dense weights), otherwise only on the
+        steps where the scheduled sparsity changes (nested masks at a constant target would
+        not change anyway).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `PruneState`.
@@ -156,7 +170,20 @@ def prune(
         raise ValueError("this pruner uses randomness (Random scores or SET): pass key=")
     if straight_through and pruner.dynamic is not None:
         raise ValueError("dynamic sparse training cannot run with straight_through=True")
+    if update_every is not None and pruner.dynamic is not None:
+        raise ValueError("update_every does not apply to dynamic sparse training: SET and RigL "
+                         "update the topology on their own schedule (their update_every)")
+    if update_every is None:
+        update_every = 1 if straight_through else 0
+    elif isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)) or (
+            update_every < 1):
+        raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    update_every = int(update_every)
     key_data = _key_data(key)
+    # The state holds raw key data (it checkpoints as a plain array); the implementation (the
+    # default threefry, or rbg, ...) is static and re-applied when the key is unwrapped.
+    key_impl = (jax.random.key_impl(key) if key is not None
+                and jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) else None)
     dynamic = pruner.dynamic
 
     def init_fn(params: optax.Params) -> PruneState:
@@ -203,6 +230,8 @@ def prune(
             now = group.targets(count)
             before = jnp.where(count > 0, group.targets(count - 1), 0.0)
             changed = changed | jnp.any(now != before)
+        if update_every:
+            changed = changed | (count % update_every == 0)
         branch = jnp.where(changed, 1, 0)
         if dynamic is not None:
             branch = jnp.where(changed, 1, jnp.where(dynamic.is_update_step(count), 2, 0))
@@ -210,7 +239,7 @@ def prune(
         def split_key(key):
             if key is None:
                 return None, None
-            next_key, use = jax.random.split(jax.random.wrap_key_data(key))
+            next_key, use = jax.random.split(jax.random.wrap_key_data(key, impl=key_impl))
             return jax.random.key_data(next_key), use
 
         # Only masks and the key go through the switch; params and gradients are read inside.

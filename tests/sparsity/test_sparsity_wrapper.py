@@ -191,6 +191,28 @@ def test_straight_through_mode_keeps_weights_dense_and_tracks_masks():
     assert float((np.asarray(forward["a"]["kernel"]) == 0).mean()) == 0.5
 
 
+def test_straight_through_masks_follow_the_dense_weights_at_a_constant_sparsity():
+    """By default, straight-through masks are recomputed every step (SR-STE), so after training
+    they are the masks of the final dense weights; update_every sets another period."""
+    pruner = sp.Pruner(sparsity=0.5, granularity=sp.NM(n=2, m=4, axis=-1))
+    for update_every, follows in ((None, True), (1000, False)):
+        tx = sp.prune(optax.sgd(0.5), pruner, straight_through=True, update_every=update_every)
+        step = jax.jit(lambda p, s: (lambda g: (lambda u, s: (optax.apply_updates(p, u), s))(
+            *tx.update(g, s, p)))(jax.grad(lambda p: _loss(sp.pruned_forward(p, sp.masks_of(s))))(p)))
+        params, state = _params(), tx.init(_params())
+        first = None
+        for _ in range(12):
+            params, state = step(params, state)
+            first = sp.masks_of(state) if first is None else first
+        # The masks in the state were computed from the params this step started from.
+        want = sp.compute_masks(params, pruner)
+        got = sp.masks_of(step(params, state)[1])
+        same = all(np.array_equal(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        assert same == follows
+    with pytest.raises(ValueError, match="update_every must be an int >= 1, got 0"):
+        sp.prune(optax.sgd(0.1), pruner, update_every=0)
+
+
 def test_update_without_params_raises():
     """update() needs params to compute mask * (p + u) - p."""
     state = _TX.init(_params())
