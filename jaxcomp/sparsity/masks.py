@@ -80,15 +80,19 @@ def mask_leaves(params: Any, masks: Any) -> list[tuple[str, Any, Any]]:
     try:
         mask_list = treedef.flatten_up_to(masks)
     except (ValueError, TypeError) as e:
-        mask_paths = [key_path_str(p) for p, _ in
-                      jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]]
+        # Other container types with the same paths (the masks of an nnx.Optimizer's state, an
+        # NNX State of OptVariables, against nnx.state(model, nnx.Param)): matched by path.
+        by_path = {key_path_str(p): m for p, m in
+                   jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]}
         param_paths = [key_path_str(p) for p, _ in flat]
-        missing = [p for p in param_paths if p not in set(mask_paths)]
-        extra = [p for p in mask_paths if p not in set(param_paths)]
-        raise ValueError(
-            "masks do not match the structure of the params; "
-            f"missing paths: {missing[:20]}; unexpected paths: {extra[:20]}"
-        ) from e
+        missing = [p for p in param_paths if p not in by_path]
+        extra = [p for p in by_path if p not in set(param_paths)]
+        if missing or extra or len(by_path) != len(param_paths):
+            raise ValueError(
+                "masks do not match the structure of the params; "
+                f"missing paths: {missing[:20]}; unexpected paths: {extra[:20]}"
+            ) from e
+        mask_list = [by_path[p] for p in param_paths]
     out = []
     for (key_path, param), mask in zip(flat, mask_list):
         path = key_path_str(key_path)

@@ -285,3 +285,20 @@ def test_straight_through_mask_has_forward_mode_and_unchanged_gradients():
     np.testing.assert_array_equal(tangent, [1., 1., 1.])
     np.testing.assert_array_equal(
         jax.grad(lambda x: jnp.sum(sp.straight_through_mask(x, mask) * w))(w), w)
+
+
+def test_nnx_optimizer_masks_apply_to_the_models_params():
+    """masks_of(nnx.Optimizer.opt_state) is a State of OptVariables: the mask functions match it
+    to nnx.state(model, nnx.Param) by path, and pruned weights are exactly zero."""
+    from flax import nnx
+
+    model = nnx.Linear(6, 8, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, sp.prune(optax.adam(1e-2), sp.Pruner(sparsity=0.5)), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.mean(m(_X) ** 2))(model)
+    opt.update(model, grads)
+    masks = sp.masks_of(opt.opt_state)
+    params = nnx.state(model, nnx.Param)
+    kernel = np.asarray(sp.apply_masks(params, masks)["kernel"][...])
+    assert (kernel == 0).mean() == 0.5
+    np.testing.assert_array_equal(kernel, np.asarray(model.kernel[...]))
+    assert float(sp.sparsity_of(sp.to_masked(params, masks)).total) > 0
