@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.sparsity._select import lowest_k
 
@@ -106,11 +107,16 @@ def drop_and_grow(
       params: the weights of the pruned leaves.
       grads: their dense gradients (used to grow when `key` is None: RigL).
       masks: their current bool keep-masks.
-      fraction: fraction of each leaf's active weights to drop (and grow back elsewhere).
-      key: grow at random from this key (SET) instead of by gradient magnitude.
+      fraction: fraction of each leaf's active weights to drop (and grow back elsewhere), in
+        [0, 1]; checked when concrete.
+      key: grow at random from this key (SET) instead of by gradient magnitude; NaN gradients
+        grow last.
 
     Returns:
       The new masks. A weight dropped at this step is not regrown at the same step.
+
+    Raises:
+      ValueError: for a concrete fraction outside [0, 1].
 
     Example:
         >>> new = drop_and_grow([jnp.array([3., 0., 1., 0.])], [jnp.array([0., 5., 0., 1.])],
@@ -118,12 +124,17 @@ def drop_and_grow(
         >>> new[0]
         Array([ True,  True, False, False], dtype=bool)
     """
+    if not isinstance(fraction, jax.core.Tracer):
+        value = np.asarray(fraction)
+        if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or not 0 <= value <= 1:
+            raise ValueError(f"drop_and_grow: fraction must be a number in [0, 1], got {fraction!r}")
     masks = [m.astype(bool) for m in masks]
-    fraction = jnp.asarray(fraction, jnp.float32)
+    fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
     active = [jnp.sum(m.astype(jnp.int32)) for m in masks]
     inactive = [m.size - a for m, a in zip(masks, active)]
     count = jnp.stack([
-        jnp.minimum(jnp.round(fraction * a.astype(jnp.float32)).astype(jnp.int32), i)
+        jnp.minimum(jnp.minimum(jnp.round(fraction * a.astype(jnp.float32)).astype(jnp.int32),
+                                i), a)
         for a, i in zip(active, inactive)
     ])
     # Drop: the lowest magnitudes among active weights (inactive ones are never chosen).
@@ -131,7 +142,8 @@ def drop_and_grow(
                    for p, m in zip(params, masks)]
     dropped = lowest_k(drop_scores, count)
     if key is None:
-        growth = [jnp.abs(g).astype(jnp.float32) for g in grads]
+        # NaN gradients grow last (|g| >= 0 elsewhere), not first as the lowest -|g| would.
+        growth = [jnp.nan_to_num(jnp.abs(g).astype(jnp.float32), nan=-1.0) for g in grads]
     else:
         keys = jax.random.split(key, len(masks))
         growth = [jax.random.uniform(k, m.shape) for k, m in zip(keys, masks)]

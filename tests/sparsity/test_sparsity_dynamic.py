@@ -109,3 +109,13 @@ def test_pruned_forward_masks_forward_and_passes_gradient_straight_through():
     np.testing.assert_array_equal(jax.grad(loss)(w), x)
     with pytest.raises(ValueError):
         sp.pruned_forward({"w": w}, {"w": jnp.ones(4, bool)})
+
+
+def test_drop_and_grow_rejects_bad_fractions_and_grows_nan_gradients_last():
+    mask = jnp.array([True, True, False, False, False, False])
+    params = jnp.array([3.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="fraction must be a number in \\[0, 1\\], got 2.0"):
+        sp.drop_and_grow([params], [jnp.ones(6)], [mask], 2.0)
+    grads = jnp.array([0.0, 0.0, jnp.nan, 0.5, 0.1, jnp.nan])
+    new = sp.drop_and_grow([params], [grads], [mask], 0.5)[0]
+    np.testing.assert_array_equal(new, [True, False, False, True, False, False])
