@@ -34,6 +34,19 @@ __all__ = ["Block", "Channel", "Granularity", "NM", "Unstructured", "block_mask"
 Pool = Literal["mean", "max"]
 
 
+def _int(value: object) -> int | None:
+    """`value` as a Python int when it is a (NumPy) integer and not a bool, else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
+def _check_axis(axis: object, what: str) -> int:
+    if _int(axis) is None:
+        raise ValueError(f"{what}: axis must be an int, got axis={axis!r}")
+    return _int(axis)
+
+
 def _normalize_axis(path: str, axis: int, ndim: int, what: str) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"{path}: {what} axis={axis} is out of range for a leaf of rank {ndim}")
@@ -104,10 +117,14 @@ class NM(Granularity):
     axis: int = -2
 
     def __post_init__(self):
-        if not (isinstance(self.m, int) and self.m >= 1):
+        m, n = _int(self.m), _int(self.n)
+        if m is None or m < 1:
             raise ValueError(f"NM: m must be a positive int, got m={self.m!r}")
-        if not (isinstance(self.n, int) and 1 <= self.n <= self.m):
+        if n is None or not 1 <= n <= m:
             raise ValueError(f"NM: n must be an int in [1, m={self.m}], got n={self.n!r}")
+        object.__setattr__(self, "m", m)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "axis", _check_axis(self.axis, "NM"))
 
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         if not shape:
@@ -165,12 +182,12 @@ class Block(Granularity):
 
     def __post_init__(self):
         shape = self.shape
-        if isinstance(shape, int) and not isinstance(shape, bool):
-            shape = (shape, shape)
+        if _int(shape) is not None:
+            shape = (int(shape), int(shape))
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else ()
-        if not shape or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
-                                for b in shape):
+        if not shape or not all(_int(b) is not None and b >= 1 for b in shape):
             raise ValueError(f"Block: shape must be a tuple of positive ints, got {self.shape!r}")
+        shape = tuple(int(b) for b in shape)
         if self.pool_by not in ("mean", "max"):
             raise ValueError(f"Block: pool_by must be 'mean' or 'max', got {self.pool_by!r}")
         object.__setattr__(self, "shape", shape)
@@ -252,6 +269,7 @@ class Channel(Granularity):
     def __post_init__(self):
         if self.pool_by not in ("mean", "max"):
             raise ValueError(f"Channel: pool_by must be 'mean' or 'max', got {self.pool_by!r}")
+        object.__setattr__(self, "axis", _check_axis(self.axis, "Channel"))
 
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         if not shape:

@@ -199,7 +199,11 @@ def _probe(schedule: Callable[[Any], Any], what: str) -> None:
     for step in _PROBE_STEPS:
         # Evaluated now, also while a train step is being traced.
         with jax.ensure_compile_time_eval():
-            value = float(np.asarray(schedule(step)))
+            array = np.asarray(schedule(step))
+        if array.ndim != 0 or array.dtype.kind not in "iuf":
+            raise ValueError(f"{what} must return a scalar sparsity; at step {step} it returned "
+                             f"{array.dtype}{list(array.shape)}")
+        value = float(array)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{what} gives sparsity {value!r} at step {step}; it must lie in "
                              "[0, 1)")
@@ -233,6 +237,9 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         # jnp, not np: numpy does not count bfloat16 and the float8 types as floating.
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{path}: only floating-point leaves can be pruned, got {dtype}")
+        if 0 in np.shape(leaf):
+            raise ValueError(f"{path}: an empty leaf (shape {np.shape(leaf)}) has nothing to "
+                             "prune; leave it out of where=")
         index = next((r for r, flags in enumerate(rule_flags) if flags[i]), len(pruner.rules))
         members.setdefault(index, []).append(i)
     for r, rule in enumerate(pruner.rules):
@@ -414,6 +421,15 @@ def compute_masks(
             raise ValueError(f"the {name} score of rule {group.index} needs grads=")
         if group.score.needs_key and key is None:
             raise ValueError(f"the {name} score of rule {group.index} needs key=")
+    if not isinstance(step, jax.core.Tracer):
+        # A concrete step: the schedules' values there are checked, not silently clipped.
+        for group in groups:
+            with jax.ensure_compile_time_eval():
+                values = np.asarray(group.targets(jnp.asarray(step, jnp.int32)))
+            for path, value in zip(group.paths, values):
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"{path}: rule {group.index} gives sparsity {float(value)} at "
+                                     f"step {int(step)}; it must lie in [0, 1)")
     step = jnp.asarray(step, jnp.int32)
     leaves = treedef.flatten_up_to(params)
     grad_leaves = None if grads is None else treedef.flatten_up_to(grads)

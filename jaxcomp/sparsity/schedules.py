@@ -31,14 +31,17 @@ __all__ = [
 
 
 def check_sparsity(value: float, what: str = "sparsity") -> float:
-    """`value` as a float, or `ValueError` naming `what` if it is not in [0, 1)."""
+    """`value` as a float, or `ValueError` naming `what` if it is not a number in [0, 1)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (
+            hasattr(value, "dtype") and np.dtype(value.dtype).kind not in "iuf"):
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}") from e
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= number < 1.0:
         raise ValueError(f"{what} must be in [0, 1), got {value!r}")
-    return value
+    return number
 
 
 def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") -> None:
@@ -49,13 +52,13 @@ def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") ->
     array = np.asarray(value)
     if array.ndim != 0:
         raise ValueError(f"{what} must be a scalar, got an array of shape {array.shape}")
-    check_sparsity(array.item() if array.dtype.kind in "biuf" else value, what)
+    check_sparsity(array.item() if array.dtype.kind in "iuf" else value, what)
 
 
 def _check_step(value: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-    return value
+    return int(value)
 
 
 def constant_sparsity(sparsity: float) -> optax.Schedule:

@@ -138,6 +138,12 @@ def test_schedule_needs_a_step_for_one_shot_use():
         (lambda: sp.Taylor(decay=1.0), "decay"),
         (lambda: sp.RigL(update_every=0, end_step=10), "update_every"),
         (lambda: sp.SET(drop_fraction=1.0, end_step=10), "drop_fraction"),
+        (lambda: sp.Pruner(sparsity="0.5"), "must be a number in"),
+        (lambda: sp.Pruner(sparsity=True), "must be a number in"),
+        (lambda: sp.NM(axis="x"), "axis must be an int"),
+        (lambda: sp.Channel(axis=1.0), "axis must be an int"),
+        (lambda: sp.prune_now(_params(), sp.Pruner(sparsity=lambda step: jnp.zeros(2)), step=0),
+         "must return a scalar sparsity"),
     ],
 )
 def test_bad_configuration_raises_at_construction(make, message):
@@ -253,6 +259,23 @@ def test_bad_inputs_are_value_errors_naming_the_path():
         sp.prune_now(params, sp.Pruner(sparsity=0.5, score=sp.Saliency()), grads=grads)
     with pytest.raises(ValueError, match="rules"):
         sp.Pruner(sparsity=0.5, rules=42)
+
+
+def test_numpy_ints_configure_granularities_and_schedules():
+    assert sp.NM(n=np.int64(2), m=np.int64(4)) == sp.NM(2, 4)
+    assert sp.Block((np.int64(2), 2)).shape == (2, 2)
+    schedule = sp.polynomial_sparsity(0.5, begin_step=np.int64(0), end_step=np.int64(10))
+    assert float(schedule(10)) == 0.5
+
+
+def test_a_concrete_step_checks_the_schedules_value_and_empty_leaves_are_named():
+    """prune_now(step=) evaluates the schedule there: 1.5 or NaN is an error, not a clip."""
+    for bad in (1.5, float("nan")):
+        pruner = sp.Pruner(sparsity=lambda step, bad=bad: jnp.where(step == 50, bad, 0.5))
+        with pytest.raises(ValueError, match="rule 0 gives sparsity .* at step 50"):
+            sp.prune_now(_params(), pruner, step=50)
+    with pytest.raises(ValueError, match=r"kernel: an empty leaf \(shape \(0, 4\)\)"):
+        sp.prune_now({"kernel": jnp.zeros((0, 4))}, sp.Pruner(sparsity=0.5))
 
 
 def test_an_int_block_is_square_and_a_single_rule_is_accepted():
