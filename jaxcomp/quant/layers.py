@@ -164,7 +164,7 @@ def conv(
         x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
         padding = "VALID"
     if mask is not None:
-        kernel = (kernel.materialize() if isinstance(kernel, QArray) else kernel) * mask
+        kernel = _masked_kernel(kernel, mask)
     out_dtype = _out_dtype(x, kernel, bias, dtype)
     x = x.astype(out_dtype)
     spec = "N" + "HWDXYZ"[:n_spatial] + "C"
@@ -182,6 +182,21 @@ def conv(
     if n_batch != 1:
         y = y.reshape(batch_shape + y.shape[1:])
     return y
+
+
+def _masked_kernel(kernel: Any, mask: jax.Array) -> Any:
+    """`kernel * mask`. A symmetric `QArray` keeps its integer codes (masked ones set to 0, which
+    is the value 0), so the convolution still runs on integers; an asymmetric one (code 0 is
+    not the value 0) is dequantized first."""
+    if not isinstance(kernel, QArray):
+        return kernel * mask
+    if kernel.zero_point is not None:
+        return kernel.materialize() * mask
+    keep = jnp.broadcast_to(jnp.asarray(mask) != 0, kernel.shape)
+    if kernel.perm is not None:
+        keep = jnp.transpose(keep, kernel.perm)
+    values = jnp.where(keep, kernel.values, jnp.zeros((), kernel.values.dtype))
+    return QArray(values, kernel.scale, None, kernel.spec, kernel.dense_dtype, kernel.perm)
 
 
 def _einsum_parts(equation: str, x_shape, kernel_shape) -> tuple[str, str, str]:

@@ -255,9 +255,11 @@ def params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPar
         scale = span / spec.qmax
         zero_point = None
     else:
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
-    # A zero (or underflowed) scale would divide by zero; any positive scale maps 0 to 0.
-    scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+        # Halved first (exact) so that a range near the float32 limits does not overflow.
+        scale = (hi * 0.5 - lo * 0.5) / ((spec.qmax - spec.qmin) * 0.5)
+    # A zero (or underflowed) scale would divide by zero; any positive scale maps 0 to 0. A NaN
+    # range (a NaN in the tensor, seen under jit) stays NaN, so the NaN propagates.
+    scale = jnp.where(scale == 0, 1.0, scale).astype(jnp.float32)
     if not spec.symmetric:
         zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax).reshape(shape)
     return QuantParams(scale.reshape(shape), zero_point)

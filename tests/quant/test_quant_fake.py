@@ -113,3 +113,15 @@ def test_fake_quant_tree_stochastic_rounding_uses_a_different_key_per_leaf():
     out = fake_quant_tree({"a": leaf, "b": leaf}, QuantSpec(bits=3, rounding="stochastic"),
                           key=jax.random.key(0))
     assert not np.array_equal(np.asarray(out["a"]), np.asarray(out["b"]))
+
+
+def test_under_jit_a_nan_propagates_and_a_huge_asymmetric_range_stays_finite():
+    """A NaN seen under jit (where it cannot be checked) gives NaN, not a scale of 1 that
+    silently rounds the rest of the tensor; hi - lo near the float32 limit does not overflow."""
+    x = jnp.array([[0.25, -1.5, jnp.nan], [0.3, 0.7, -0.2]])
+    out = jax.jit(lambda x: fake_quant(x, QuantSpec()))(x)
+    assert bool(jnp.isnan(out).all())
+    huge = jnp.array([3e38, -3e38, 1e38])
+    got = fake_quant(huge, QuantSpec(symmetric=False))
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(got, huge, rtol=0, atol=6e38 / 255)  # within one step

@@ -215,3 +215,19 @@ def test_qdot_unsigned_grouped_weights_match_the_float_reference():
     w = quantize(jnp.abs(W), QuantSpec(signed=False, group_size=4, channel_axes=(-1,)))
     ref = fake_quant(X, QuantSpec()) @ w.materialize()
     chex.assert_trees_all_close(qdot(X, w, strategy="int8"), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_masked_conv_keeps_integer_operands_and_quantized_activations():
+    """Flax Conv's `mask` on a symmetric QArray masks the codes: the conv still runs on int8
+    and equals the fake-quant reference (it used to dequantize and skip activation quant)."""
+    from jaxcomp.quant import layers
+
+    x = jax.random.normal(KX, (2, 6, 6, 3))
+    w = quantize(jax.random.normal(KW, (3, 3, 3, 4)), QuantSpec(channel_axes=(-1,)))
+    mask = (jnp.arange(3 * 3 * 3 * 4).reshape(3, 3, 3, 4) % 3 != 0).astype(jnp.float32)
+    run = functools.partial(layers.conv, kernel=w, mask=mask, padding="VALID")
+    assert (jnp.int8, jnp.int8, jnp.int32) in _dot_operand_dtypes(lambda x: run(x), x)
+    dn = ("NHWC", "HWIO", "NHWC")
+    want = lax.conv_general_dilated(fake_quant(x, QuantSpec()), w.materialize() * mask, (1, 1),
+                                    "VALID", dimension_numbers=dn)
+    chex.assert_trees_all_close(run(x), want, atol=1e-4, rtol=1e-4)
