@@ -193,6 +193,8 @@ def _power_of_two(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     xf = x.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(xf))
     e_max = jnp.where(absmax > 0, jnp.round(jnp.log2(jnp.where(absmax > 0, absmax, 1.0))), 0.0)
+    # The largest level must be finite in the dense dtype (3e38 would round up to 2**128).
+    e_max = jnp.minimum(e_max, float(np.floor(np.log2(float(jnp.finfo(x.dtype).max)))))
     e_min = e_max - (n - 1)
     magnitudes = 2.0 ** (e_max - jnp.arange(n, dtype=jnp.float32))
     # Table: [0, +2**e_max .. +2**e_min, -2**e_max .. -2**e_min, 0 (unused code)].

@@ -26,7 +26,7 @@ from jaxcomp.quant.matmul import (
     quantize_activations,
     timing_inputs,
 )
-from jaxcomp.quant.numerics import QuantParams, check_float, layout
+from jaxcomp.quant.numerics import QuantParams, check_float, check_params, layout
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
 
@@ -99,6 +99,9 @@ def qconv(
                          f"{tuple(lhs_dilation)}; give explicit (low, high) pads")
     options = (tuple(window_strides), padding, tuple(lhs_dilation or (1,) * n_spatial),
                tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
+    if act_params is not None and activations is not None:
+        # Shapes, and concrete values: a zero or NaN scale would zero or NaN the layer silently.
+        check_params(act_params, layout(x.shape, activations, path), path)
     return _qconv_program(x, w, act_params, options, activations, strategy, out_dtype)
 
 

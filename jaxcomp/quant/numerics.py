@@ -161,6 +161,14 @@ def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
     zero_point = params.zero_point
     if zero_point is not None:
         zero_point = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), lay.params_shape)
+        if not isinstance(zero_point, jax.core.Tracer):
+            # Integer kernels can only subtract whole zero points: 10.4 would give different
+            # numbers on the integer and the float paths.
+            z = np.asarray(zero_point)
+            bad = ~(np.isfinite(z) & (z == np.round(z)))
+            if bad.any():
+                raise ValueError(f"{path}: zero points must be whole numbers, got "
+                                 f"{z[bad].ravel()[:4].tolist()}")
     return QuantParams(scale, zero_point)
 
 

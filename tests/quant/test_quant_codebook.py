@@ -126,3 +126,9 @@ def test_finetune_validates_its_inputs():
         tx.init({"w": W[:4]})
     with pytest.raises(ValueError, match="no CodebookFinetuneState"):
         finetuned_codebooks(optax.sgd(0.1).init({"w": W}), {"w": W})
+
+
+def test_power_of_two_levels_stay_finite_in_the_dense_dtype():
+    """max|x| near the dtype's limit: the top level is clamped, not rounded up to inf."""
+    for x in (jnp.array([3e38, 1.0]), jnp.array([60000.0, 1.0], jnp.float16)):
+        assert bool(jnp.isfinite(power_of_two_quantize(x, 4).materialize()).all())

@@ -231,3 +231,24 @@ def test_a_masked_conv_keeps_integer_operands_and_quantized_activations():
     want = lax.conv_general_dilated(fake_quant(x, QuantSpec()), w.materialize() * mask, (1, 1),
                                     "VALID", dimension_numbers=dn)
     chex.assert_trees_all_close(run(x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "act_params, message",
+    [
+        (QuantParams(jnp.float32(0.0), None), "scales must be finite and positive"),
+        (QuantParams(jnp.float32(jnp.nan), None), "scales must be finite and positive"),
+        (QuantParams(jnp.float32(0.05), jnp.float32(10.4)), "zero points must be whole numbers"),
+    ],
+)
+def test_bad_static_activation_params_are_value_errors(act_params, message):
+    """A zero or NaN scale would silently zero or NaN the layer; a fractional zero point would
+    give different numbers on the integer and float paths."""
+    spec = QuantSpec(symmetric=act_params.zero_point is None)
+    x = jax.random.normal(KX, (2, 6, 6, 3))
+    w = quantize(jax.random.normal(KW, (3, 3, 3, 4)), QuantSpec(channel_axes=(-1,)))
+    with pytest.raises(ValueError, match=message):
+        qdot(x[:, 0, 0, :], quantize(jnp.ones((3, 4)), QuantSpec()), activations=spec,
+             act_params=act_params)
+    with pytest.raises(ValueError, match=message):
+        qconv(x, w, window_strides=(1, 1), padding="SAME", activations=spec, act_params=act_params)
