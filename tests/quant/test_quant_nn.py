@@ -334,3 +334,10 @@ def test_linen_calibration_of_layers_inside_nn_scan_says_why_it_cannot():
         calibrate_linen(model, variables, [x], ACT)
     with pytest.raises(ValueError, match="init_input_steps_linen: a selected layer runs inside"):
         init_input_steps_linen(model, variables, x, ACT)
+    # Serving: per-layer scales (stacking axis kept) run; scales shared across layers say why not.
+    serve = serve_linen(model)
+    per_layer = quantize_tree(variables["params"], QuantSpec(channel_axes=(0, -1)), where=r".*kernel")
+    assert serve({"params": per_layer}, x).shape == (2, 8)
+    shared = quantize_tree(variables["params"], QuantSpec(channel_axes=(-1,)), where=r".*kernel")
+    with pytest.raises(ValueError, match=r"inside nn.scan .*channel_axes=\(0, -1\)"):
+        serve({"params": shared}, x)

@@ -332,8 +332,17 @@ def serve_linen(
             col: _materialize_except_kernels(tree) if col == "params" else materialize(tree)
             for col, tree in variables.items()
         }
-        with nn.intercept_methods(interceptor):
-            return model.apply(variables, *args, **kwargs)
+        try:
+            with nn.intercept_methods(interceptor):
+                return model.apply(variables, *args, **kwargs)
+        except ValueError as e:
+            if not ("scan got" in str(e) and "length" in str(e)):
+                raise
+            raise ValueError(
+                "serve_linen: a layer inside nn.scan has a QArray kernel whose scales are shared "
+                "across the stacked layers, so the scan cannot slice them; quantize scanned "
+                "kernels per layer, keeping the stacking axis 0 in the spec (e.g. "
+                "QuantSpec(channel_axes=(0, -1)) with where= selecting them)") from e
 
     return apply
 
