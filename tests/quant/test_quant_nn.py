@@ -226,6 +226,18 @@ def test_nnx_wrapping_quantizes_inputs_and_keeps_params_trainable():
     assert not np.allclose(before, model.head.layer.kernel.get_value())
 
 
+def test_nnx_serving_keeps_a_dynamic_wrappers_own_spec():
+    """A model trained with 4-bit dynamic input quantization is served on 4-bit inputs, not on
+    serve_nnx's default 8 bits."""
+    four = QuantSpec(bits=4)
+    model = quantize_inputs_nnx(_nnx_mlp(), four)
+    qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    graphdef, state = nnx.split(model)
+    ref = _forward(nnx.merge(graphdef, nnx.merge_state(state, jaxcomp.materialize(qstate))), X)
+    out = _forward(serve_nnx(model, qstate), X)
+    chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_nnx_calibration_sets_static_lsq_and_pact_values():
     """calibrate_nnx sets static ranges, LSQ steps and PACT clips from the observed inputs."""
     static = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), ACT, method="static"), [X[:4], X[4:]])

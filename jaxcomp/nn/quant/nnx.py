@@ -322,9 +322,10 @@ def serve_nnx(
     Args:
       model: the NNX model.
       qstate: `quantize_tree(nnx.state(model, nnx.Param), spec, where=r".*kernel")`.
-      activations: the activation spec; None for weight-only serving. A `QuantizedInput`
-        wrapper with static, LSQ or PACT ranges passes its own spec and its calibrated range,
-        learned step or learned clip instead.
+      activations: the activation spec of plain layers; None for weight-only serving. A layer
+        wrapped in a `QuantizedInput` is served with the wrapper's own spec (what it was trained
+        or calibrated with) and, for static, LSQ or PACT ranges, its calibrated range, learned
+        step or learned clip.
       strategy: as `jaxcomp.quant.qdot`.
       modules: the layer classes served.
 
@@ -348,7 +349,9 @@ def serve_nnx(
             kernel = kernels.get(f"{path}/layer/kernel")
             if kernel is None:
                 return None
-            spec, params = activations, None
+            # The wrapper's spec, not `activations`: a model trained with 4-bit dynamic input
+            # quantization is served on 4 bits.
+            spec, params = child.config.spec, None
             method = child.config.method
             if method == "static":
                 zero = None if child.zero_point is None else child.zero_point.get_value()
