@@ -160,7 +160,9 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
     Yields:
       A dict filled during the block: module path -> measured sparsity of its output (the mean
       over calls when a module runs more than once). Values are arrays, so the block can sit
-      inside a jitted loss and the dict be returned as an auxiliary output.
+      inside a jitted loss and the dict be returned as an auxiliary output. Modules inside a
+      lifted transform (`nn.scan`, `nn.remat`, `nn.vmap`) are sparsified too, but their
+      sparsity is traced inside that transform and cannot be reported: they have no entry.
 
     Raises:
       ValueError: (when the model runs) if a matching module's output is not an array; at the
@@ -180,9 +182,21 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
     sums: dict[str, list[Any]] = {}
     stats: dict[str, jax.Array] = {}
     seen: list[str] = []
+    lifted: list[str] = []
+
+    # Root scopes of the modules being called, outermost first. A lifted transform (nn.scan,
+    # nn.remat, nn.vmap) runs its body on a fresh root scope, traced on its own: a module whose
+    # root differs from the outermost caller's runs inside one.
+    active: list[Any] = []
 
     def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
+        root = _root_scope(context.module.scope)
+        inside_lifted = bool(active) and root is not active[0]
+        active.append(root)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            active.pop()
         if context.method_name != "__call__":
             return out
         module = context.module
@@ -195,6 +209,10 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
             raise ValueError(f"{path}: activation sparsity needs an array output, got "
                              f"{type(out).__name__}")
         y, measured = sparsify_activation(out, config, path)
+        if inside_lifted:
+            # nn.scan / nn.remat trace their body separately: the value cannot leave it.
+            lifted.append(path)
+            return y
         total, calls = sums.get(path, (0.0, 0))
         sums[path] = [total + measured, calls + 1]
         stats[path] = sums[path][0] / sums[path][1]
@@ -203,9 +221,15 @@ def sparse_activations(config: ActivationSparsity) -> Iterator[dict[str, jax.Arr
     with nn.intercept_methods(interceptor):
         yield stats
     # A block that ran no module (a cached jit call) cannot tell a typo from a no-op.
-    if seen and not stats:
+    if seen and not stats and not lifted:
         raise ValueError(f"ActivationSparsity where={config.where!r} matches no module that ran; "
                          f"paths: {seen[:40]}")
+
+
+def _root_scope(scope: Any) -> Any:
+    while getattr(scope, "parent", None) is not None:
+        scope = scope.parent
+    return scope
 
 
 class ActivationSparsityStat(nnx.Variable):

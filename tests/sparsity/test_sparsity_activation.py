@@ -111,3 +111,38 @@ def test_linen_where_matching_nothing_raises():
     with pytest.raises(ValueError, match="layers_0"):
         with sparse_activations(ActivationSparsity(where="Dense_0", top_k=1)):
             model.apply(variables, jnp.ones((1, 3)))
+
+
+def test_linen_layers_inside_nn_remat_and_nn_scan_are_sparsified_without_leaking_tracers():
+    """Lifted transforms trace their body on their own: those layers are sparsified, and the
+    stats (which could not leave the transform) simply have no entry for them."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(16, name="mlp")(x)), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.remat(nn.Dense)(16, name="rematted")(x)
+            self.sow("intermediates", "hidden", x)
+            x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=2)()(x, None)
+            return nn.Dense(16, name="head")(x)
+
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    model = Model()
+    variables = model.init(jax.random.key(1), x)
+    config = ActivationSparsity(where=r"rematted|.*mlp|head", top_k=4)
+
+    @jax.jit
+    def run(variables):
+        with sparse_activations(config) as stats:
+            y, inter = model.apply(variables, x, mutable=["intermediates"])
+        return y, inter["intermediates"]["hidden"][0], stats
+
+    y, rematted, stats = run(variables)
+    assert float((rematted == 0).mean()) == 0.75 and float((y == 0).mean()) >= 0.75
+    assert set(stats) == {"head"} and float(stats["head"]) == float((y == 0).mean())
