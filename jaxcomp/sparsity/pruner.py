@@ -102,7 +102,8 @@ class Pruner:
 
     Raises:
       ValueError: for a sparsity outside [0, 1), a field of the wrong type, N:M with a
-        distribution other than `Uniform`, or dynamic sparse training with structured masks.
+        distribution other than `Uniform` or a constant sparsity other than 0 and 1 - N/M, or
+        dynamic sparse training with structured masks.
 
     Example:
         >>> Pruner(sparsity=0.9, rules=[Rule(where="Dense_2/kernel", sparsity=0.5)]).rules[0].sparsity
@@ -140,12 +141,23 @@ class Pruner:
         if self.dynamic is not None and not isinstance(self.dynamic, (SET, RigL)):
             raise ValueError(f"Pruner dynamic must be SET(...) or RigL(...), got {self.dynamic!r}")
         for index in range(len(rules) + 1):
-            granularity, _, distribution, _ = self.settings(index)
+            granularity, _, distribution, spec = self.settings(index)
             if isinstance(granularity, NM) and not isinstance(distribution, Uniform):
                 raise ValueError(
                     f"N:M sparsity is fixed at {granularity.n}:{granularity.m}; it cannot be "
                     f"spread by {type(distribution).__name__} (use Uniform)"
                 )
+            # Only where one level sets both (a rule that inherits the pruner's sparsity while
+            # switching to N:M says "prune this layer N:M", not "at that sparsity").
+            both = (index == len(rules) or (rules[index].granularity is not None
+                                            and rules[index].sparsity is not None))
+            if (both and isinstance(granularity, NM) and not callable(spec)
+                    and float(spec) not in (0.0, granularity.sparsity)):
+                raise ValueError(
+                    f"N:M sparsity is fixed at {granularity.n}:{granularity.m} (sparsity "
+                    f"{granularity.sparsity:g} in whole groups); sparsity={spec!r} cannot be met: "
+                    f"pass sparsity={granularity.sparsity:g}, or a schedule (any value > 0 turns "
+                    "N:M on)")
             if self.dynamic is not None and not isinstance(granularity, Unstructured):
                 raise ValueError(
                     f"dynamic sparse training changes single weights; it cannot run with "

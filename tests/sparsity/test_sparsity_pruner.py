@@ -141,6 +141,7 @@ def test_schedule_needs_a_step_for_one_shot_use():
         (lambda: sp.Pruner(sparsity="0.5"), "must be a number in"),
         (lambda: sp.Pruner(sparsity=True), "must be a number in"),
         (lambda: sp.NM(axis="x"), "axis must be an int"),
+        (lambda: sp.Pruner(sparsity=0.9, granularity=sp.NM(2, 4)), "sparsity=0.9 cannot be met"),
         (lambda: sp.Channel(axis=1.0), "axis must be an int"),
         (lambda: sp.prune_now(_params(), sp.Pruner(sparsity=lambda step: jnp.zeros(2)), step=0),
          "must return a scalar sparsity"),
