@@ -281,6 +281,14 @@ def prune(
             for i in selected:
                 flags[i] = new_masks[i] != old_masks[i]
             inner_state = _reset_moments(optimizer, inner_state, treedef, flags)
+            # The inner optimizer sees zero gradients at pruned weights: their moments stay
+            # zero, and whole-tensor statistics (a global-norm clip, LAMB's trust ratio) count
+            # only the weights that train.
+            masked = list(g_leaves)
+            for i in selected:
+                masked[i] = jnp.where(new_masks[i] & old_masks[i], g_leaves[i],
+                                      jnp.zeros((), g_leaves[i].dtype))
+            updates = jax.tree.unflatten(treedef, masked)
         inner_updates, inner_state = optimizer.update(updates, inner_state, params, **extra_args)
         out = treedef.flatten_up_to(inner_updates)
         if not straight_through:
