@@ -338,6 +338,12 @@ def qdot(
     x = jnp.asarray(x)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     dims = _normalize_dims(dimension_numbers, x.ndim, len(w.shape), path)
+    for x_axes, w_axes in dims:  # contracting, then batch axes
+        for a, b in zip(x_axes, w_axes):
+            if x.shape[a] != w.shape[b]:
+                raise ValueError(f"{path}: input axis {a} of size {x.shape[a]} (shape {x.shape}) "
+                                 f"does not match weight axis {b} of size {w.shape[b]} "
+                                 f"(shape {w.shape})")
     if activations is not None and not dims[1][0]:
         _check_activation_scales(x.shape, activations, act_params, dims[0][0], path)
     return _qdot_program(x, w, act_params, dims, activations, strategy, out_dtype)

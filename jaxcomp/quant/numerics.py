@@ -126,7 +126,13 @@ def check_float(x: jax.typing.ArrayLike, path: str = "x") -> None:
     Example:
         >>> check_float(jnp.ones(2))
     """
-    dtype = jnp.result_type(x)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        raise ValueError(f"{path}: got an abstract array (ShapeDtypeStruct) where values are "
+                         "needed; run the transform under jax.eval_shape to get abstract results")
+    try:
+        dtype = jnp.result_type(x)
+    except TypeError as e:
+        raise ValueError(f"{path}: expected a floating-point array, got {type(x).__name__}") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{path}: expected a floating-point array, got dtype {dtype}")
 

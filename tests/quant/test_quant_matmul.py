@@ -252,3 +252,12 @@ def test_bad_static_activation_params_are_value_errors(act_params, message):
              act_params=act_params)
     with pytest.raises(ValueError, match=message):
         qconv(x, w, window_strides=(1, 1), padding="SAME", activations=spec, act_params=act_params)
+
+
+def test_mismatched_contraction_and_abstract_or_list_inputs_are_value_errors():
+    with pytest.raises(ValueError, match=r"input axis 1 of size 3 .* weight axis 0 of size 4"):
+        qdot(jnp.ones((2, 3)), quantize(jnp.ones((4, 5)), QuantSpec()))
+    with pytest.raises(ValueError, match="ShapeDtypeStruct.*jax.eval_shape"):
+        quantize(jax.ShapeDtypeStruct((2, 2), jnp.float32), QuantSpec())
+    with pytest.raises(ValueError, match="expected a floating-point array, got list"):
+        quantize([1.0, 2.0], QuantSpec())
