@@ -61,7 +61,8 @@ class Codebook(CompressedLeaf):
       centroids: float32 table of `2**bits` values.
       bits: bits of index (static).
       dense_dtype: dtype `materialize` returns (static).
-      method: "kmeans" or "power-of-two", shown by reports (static).
+      method: "kmeans", "power-of-two" or "fine-tuned" (centroids moved by
+        `codebook_finetune`, so no longer powers of two), shown by reports (static).
 
     Example:
         >>> cb = kmeans_quantize(jnp.array([0.0, 0.3, 0.7, 1.0]), bits=2)
@@ -368,6 +369,6 @@ def finetuned_codebooks(opt_state: Any, params: Any) -> Any:
     def book(path, leaf):
         k = state.centroids[path].shape[0]
         return Codebook(state.indices[path], state.centroids[path], int(round(np.log2(k))),
-                        np.dtype(leaf.dtype), "kmeans")
+                        np.dtype(leaf.dtype), "fine-tuned")
 
     return map_selected(book, params, where=lambda p, _: p in state.indices, with_path=True)
