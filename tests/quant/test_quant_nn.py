@@ -238,6 +238,15 @@ def test_nnx_serving_keeps_a_dynamic_wrappers_own_spec():
     chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_nnx_a_bare_layer_model_says_it_cannot_be_replaced_in_place():
+    layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    qstate = quantize_tree(nnx.state(layer, nnx.Param), WEIGHTS, where=r".*kernel")
+    with pytest.raises(ValueError, match="serve_nnx: the model is itself a Linear"):
+        serve_nnx(layer, qstate)
+    with pytest.raises(ValueError, match="quantize_inputs_nnx: the model is itself a Linear"):
+        quantize_inputs_nnx(layer, ACT)
+
+
 def test_nnx_calibration_sets_static_lsq_and_pact_values():
     """calibrate_nnx sets static ranges, LSQ steps and PACT clips from the observed inputs."""
     static = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), ACT, method="static"), [X[:4], X[4:]])

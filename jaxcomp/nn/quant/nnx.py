@@ -175,6 +175,7 @@ def quantize_inputs_nnx(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    _check_not_a_bare_layer(model, modules, "quantize_inputs_nnx")
     selected = module_matcher(where)
 
     def replace(path, child):
@@ -185,6 +186,14 @@ def quantize_inputs_nnx(
     if _replace_nnx(model, replace) == 0:
         raise ValueError(f"quantize_inputs_nnx: where={where!r} selects no {[m.__name__ for m in modules]}")
     return model
+
+
+def _check_not_a_bare_layer(model: nnx.Module, modules: tuple[type, ...], caller: str) -> None:
+    # Layers are replaced in place, in their parent: the model itself cannot be.
+    if isinstance(model, modules):
+        raise ValueError(
+            f"{caller}: the model is itself a {type(model).__name__}, which cannot be replaced in "
+            "place; wrap it in a parent module, e.g. nnx.Sequential(layer)")
 
 
 def _wrappers(model: nnx.Module) -> list[QuantizedInput]:
@@ -339,6 +348,7 @@ def serve_nnx(
         >>> serve_nnx(model, q)(jnp.ones((2, 4))).shape
         (2, 3)
     """
+    _check_not_a_bare_layer(model, modules, "serve_nnx")
     kernels = {p: leaf for p, leaf in path_dict(qstate).items() if isinstance(leaf, QArray)}
     # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
     # as its dense value, so the served model computes what the quantized tree does.
