@@ -167,6 +167,10 @@ def decompose_tree(
                 f"nothing left to decompose: {compressed}"
             )
         note = f"; already compressed: {compressed}" if compressed else ""
+        odd = [p for p, shape in others.items() if isinstance(shape, tuple) and len(shape) in (3, 5)]
+        if odd:
+            note += (f"; {odd[:4]} are 3-D or 5-D: kernels stacked by nn.scan/nn.vmap (layer, in, "
+                     "out) and 1-D or 3-D convolutions are not supported")
         raise ValueError(
             f"where={where!r} with method={method!r} selects no kernel to decompose (2-D Dense or "
             f"4-D Conv kernels); selected: {others}{note}"
