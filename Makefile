@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two workers (pytest-xdist): the suite is dominated by XLA compiles, one core each.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test bench-list docs clean
 
