@@ -309,10 +309,20 @@ def calibrate(
         tensors = collect(batch)
         return {name: observer.update(states[name], x, spec, name) for name, x in tensors.items()}
 
+    kept: dict[str, tuple[int, ...]] = {}
     for index, batch in enumerate(batches):
+        shapes = jax.eval_shape(collect, batch)
         if states is None:
-            shapes = jax.eval_shape(collect, batch)
             states = {name: observer.init(s.shape, spec, name) for name, s in shapes.items()}
+            kept = {name: layout(s.shape, spec, name).params_shape for name, s in shapes.items()}
+        for name, s in shapes.items():
+            now = layout(s.shape, spec, name).params_shape if name in kept else None
+            if now != kept.get(name):
+                raise ValueError(
+                    f"{name}: calibration batch {index} gives quantization parameters of shape "
+                    f"{now}, the first batch {kept.get(name)}: {spec.describe()} keeps an axis "
+                    "whose size changes between batches (a per-row spec has no static range); "
+                    "calibrate per tensor or per channel on a feature axis")
         states = step(states, batch)
         finite = jax.device_get({name: s.finite for name, s in states.items()})
         bad = [name for name, ok in finite.items() if not np.all(ok)]

@@ -121,3 +121,11 @@ def test_observer_configuration_is_validated():
         EMAObserver(decay=1.0)
     with pytest.raises(ValueError, match="num_candidates"):
         MSEObserver(num_candidates=0)
+
+
+def test_calibrating_a_per_row_spec_over_batches_of_other_sizes_is_a_value_error():
+    batches = [jnp.ones((8, 4)), jnp.ones((4, 4))]
+    params = calibrate(lambda b: {"a": b}, batches, QuantSpec(channel_axes=(-1,)))
+    assert params["a"].scale.shape == (1, 4)
+    with pytest.raises(ValueError, match="a: calibration batch 1 gives quantization parameters"):
+        calibrate(lambda b: {"a": b}, batches, QuantSpec(channel_axes=(0,)))
