@@ -130,9 +130,10 @@ def _fake_quant_checked(x, spec, params, key, ste, path, *, barrier):
     check_float(x, path)
     x = jnp.asarray(x)
     lay = layout(x.shape, spec, path)
-    if params is None:
-        check_finite(x, path)  # a range taken from NaN/Inf would make every value NaN
-    else:
+    # Concrete NaN/Inf raise, as `quantize` does: a range taken from them would make every value
+    # NaN, and with static ranges an Inf would be silently clipped to the largest level.
+    check_finite(x, path)
+    if params is not None:
         params = check_params(params, lay, path)
     rounding_noise(key, (), spec, path)  # validates the key
     if params is None and spec.signed and spec.symmetric:

@@ -125,3 +125,9 @@ def test_under_jit_a_nan_propagates_and_a_huge_asymmetric_range_stays_finite():
     got = fake_quant(huge, QuantSpec(symmetric=False))
     assert bool(jnp.isfinite(got).all())
     np.testing.assert_allclose(got, huge, rtol=0, atol=6e38 / 255)  # within one step
+
+
+def test_concrete_inf_raises_with_static_ranges_too():
+    """Like quantize: an Inf is not silently clipped to the largest level."""
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fake_quant(jnp.array([1.0, jnp.inf]), QuantSpec(), params=QuantParams(jnp.float32(0.1), None))
