@@ -4,13 +4,16 @@ FLOPs are counted as 2 x the multiply-accumulates of `dot_general` and `conv_gen
 (the convention of Torch-Pruning, fvcore and NNI counters, which count MACs and leave elementwise
 work out; a transposed convolution counts its inputs times the window, not the zeros it inserts).
 The body of a `while_loop` (unknown trip count) is counted once; `scan` and `fori_loop` with
-static bounds count every iteration. Each matmul or convolution is attributed to the parameter leaf its weight operand comes
-from, followed through casts, reshapes, transposes, elementwise arithmetic, nested `jit` calls and
+static bounds count every iteration.
+
+Each matmul or convolution is attributed to the parameter leaf its weight operand comes from,
+followed through casts, reshapes, transposes, elementwise arithmetic, nested `jit` calls and
 custom-derivative calls, so a compressed leaf that is materialized inside the forward pass, or
 applied as a sequence of small factors, is charged to its own path. Rebuilding a dense kernel
 from its factors inside the forward pass is a real matmul on every call and is counted as one
-(serve factorized kernels with `jaxcomp.nn.decompose.intercept_factorized` to run the factors). A product of two activations
-(attention scores) has no parameter path and counts under `"(activations)"`.
+(serve factorized kernels with `jaxcomp.nn.decompose.intercept_factorized` to run the factors).
+A product of two activations (attention scores) has no parameter path and counts under
+`"(activations)"`.
 """
 
 from __future__ import annotations

@@ -25,10 +25,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcomp.core import is_compressed
-from jaxcomp.quant.numerics import Layout, QuantParams, check_float, from_grouped, layout, to_grouped
+from jaxcomp.quant.numerics import (
+    Layout,
+    QuantParams,
+    check_float,
+    check_positive,
+    from_grouped,
+    layout,
+    to_grouped,
+)
 from jaxcomp.quant.spec import QuantSpec
 from jaxcomp.tree import Where, leaves_with_paths, map_selected, path_dict
 
@@ -177,18 +184,6 @@ def lsq_fake_quant(
     return _lsq_checked(x, step, spec, grad_scale, path, barrier=True)
 
 
-def _check_positive(value: jax.Array, name: str, path: str) -> None:
-    """A concrete step or clip must be finite and > 0 (a traced one, mid-training, is clamped
-    to a tiny positive value instead)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    array = np.asarray(value, np.float32)
-    bad = ~(np.isfinite(array) & (array > 0))
-    if bad.any():
-        raise ValueError(f"{path}: {name} must be finite and > 0, got "
-                         f"{array[bad].ravel()[:4].tolist()}")
-
-
 def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
     """`lsq_fake_quant` with its checks; `barrier` as in `_lsq_parts`."""
     check_float(x, path)
@@ -197,7 +192,7 @@ def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
     lay = layout(x.shape, spec, path)
     step = jnp.asarray(step)
     _check_shape(step, lay, "step", path)
-    _check_positive(step, "the LSQ step", path)
+    check_positive(step, "the LSQ step", path)
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(lay.elements_per_scale * spec.qmax)
     return _lsq_program(spec, lay, float(grad_scale), barrier, x, step)
@@ -318,7 +313,7 @@ def pact_fake_quant(x: jax.Array, alpha: jax.Array, spec: QuantSpec, *, path: st
         ok = False
     if not ok:
         raise ValueError(f"{path}: alpha of shape {alpha.shape} does not broadcast to {x.shape}")
-    _check_positive(alpha, "the PACT alpha", path)
+    check_positive(alpha, "the PACT alpha", path)
     return _pact_program(spec, x, alpha)
 
 
@@ -345,7 +340,7 @@ def lsq_as_static(steps: Mapping[str, jax.Array]) -> dict[str, QuantParams]:
         Array(0.5, dtype=float32)
     """
     for name, step in steps.items():
-        _check_positive(step, "the LSQ step", name)
+        check_positive(step, "the LSQ step", name)
     return {name: QuantParams(jnp.maximum(jnp.asarray(step, jnp.float32), _TINY)) for name, step in steps.items()}
 
 
@@ -358,6 +353,6 @@ def pact_as_static(alphas: Mapping[str, jax.Array], spec: QuantSpec) -> dict[str
     """
     _check_spec(spec, "PACT", "alphas")
     for name, a in alphas.items():
-        _check_positive(a, "the PACT alpha", name)
+        check_positive(a, "the PACT alpha", name)
     return {name: QuantParams(jnp.maximum(jnp.asarray(a, jnp.float32), _TINY) / spec.qmax)
             for name, a in alphas.items()}

@@ -137,6 +137,22 @@ def check_float(x: jax.typing.ArrayLike, path: str = "x") -> None:
         raise ValueError(f"{path}: expected a floating-point array, got dtype {dtype}")
 
 
+def check_positive(value: jax.typing.ArrayLike, name: str, path: str) -> None:
+    """Raises `ValueError` naming `path` if a concrete `value` (scales, an LSQ step, a PACT clip)
+    holds a value that is not finite and positive; traced values are not checked.
+
+    Example:
+        >>> check_positive(jnp.array([0.5, 2.0]), "scales", "x")
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    array = np.asarray(value, np.float32)
+    bad = ~(np.isfinite(array) & (array > 0))
+    if bad.any():
+        raise ValueError(f"{path}: {name} must be finite and positive, got "
+                         f"{array[bad].ravel()[:4].tolist()}")
+
+
 def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
     """Validates static params and broadcasts them to `lay.params_shape` (float32).
 
@@ -159,11 +175,7 @@ def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
                 f"quantization parameter shape {lay.params_shape} of an input of shape {lay.shape}"
             )
     scale = jnp.broadcast_to(jnp.asarray(params.scale, jnp.float32), lay.params_shape)
-    if not isinstance(scale, jax.core.Tracer):
-        bad = ~(np.isfinite(np.asarray(scale)) & (np.asarray(scale) > 0))
-        if bad.any():
-            raise ValueError(f"{path}: scales must be finite and positive, got "
-                             f"{np.asarray(scale)[bad].ravel()[:4].tolist()}")
+    check_positive(scale, "scales", path)
     zero_point = params.zero_point
     if zero_point is not None:
         zero_point = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), lay.params_shape)

@@ -439,9 +439,8 @@ def compute_masks(
             with jax.ensure_compile_time_eval():
                 values = np.asarray(group.targets(jnp.asarray(step, jnp.int32)))
             for path, value in zip(group.paths, values):
-                if not 0.0 <= value < 1.0:
-                    raise ValueError(f"{path}: rule {group.index} gives sparsity {float(value)} at "
-                                     f"step {int(step)}; it must lie in [0, 1)")
+                check_sparsity(float(value),
+                               f"{path}: the sparsity of rule {group.index} at step {int(step)}")
     step = jnp.asarray(step, jnp.int32)
     leaves = treedef.flatten_up_to(params)
     grad_leaves = None if grads is None else treedef.flatten_up_to(grads)

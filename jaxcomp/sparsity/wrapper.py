@@ -274,6 +274,8 @@ def prune(
         new_masks, key = lax.switch(branch, branches, (old_masks, state.key))
 
         inner_state = state.inner_state
+        # Weights kept before and after this step; the others (pruned, regrown) end at zero.
+        keep = {i: new_masks[i] & old_masks[i] for i in selected} if not straight_through else {}
         if not straight_through:
             # Pruned and regrown weights start from fresh moments. Off the mask-update steps the
             # flags are all False; the select fuses into the optimizer's own pass over them.
@@ -285,19 +287,15 @@ def prune(
             # zero, and whole-tensor statistics (a global-norm clip, LAMB's trust ratio) count
             # only the weights that train.
             masked = list(g_leaves)
-            for i in selected:
-                masked[i] = jnp.where(new_masks[i] & old_masks[i], g_leaves[i],
-                                      jnp.zeros((), g_leaves[i].dtype))
+            for i, k in keep.items():
+                masked[i] = jnp.where(k, g_leaves[i], jnp.zeros((), g_leaves[i].dtype))
             updates = jax.tree.unflatten(treedef, masked)
         inner_updates, inner_state = optimizer.update(updates, inner_state, params, **extra_args)
         out = treedef.flatten_up_to(inner_updates)
-        if not straight_through:
-            for i in selected:
-                p = p_leaves[i]
-                # Pruned and regrown weights (where the masks differ) both end at exactly zero:
-                # p + (-p) == 0 exactly, and kept weights get the inner update untouched.
-                keep = new_masks[i] & old_masks[i]
-                out[i] = jnp.where(keep, out[i].astype(p.dtype), -p)
+        for i, k in keep.items():
+            # Pruned and regrown weights both end at exactly zero (p + (-p) == 0 exactly);
+            # kept weights get the inner update untouched.
+            out[i] = jnp.where(k, out[i].astype(p_leaves[i].dtype), -p_leaves[i])
         new_state = PruneState(
             count=count + 1,
             masks=jax.tree.unflatten(treedef, new_masks),

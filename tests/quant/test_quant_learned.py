@@ -147,9 +147,9 @@ def test_concrete_non_positive_steps_and_clips_are_value_errors():
     """A concrete LSQ step or PACT alpha <= 0 (or NaN) used to be clamped to 1e-12 silently."""
     x = jnp.array([0.3, -1.2, 2.0])
     for bad in (0.0, -0.5, float("nan")):
-        with pytest.raises(ValueError, match="the LSQ step must be finite and > 0"):
+        with pytest.raises(ValueError, match="the LSQ step must be finite and positive"):
             lsq_fake_quant(x, jnp.float32(bad), QuantSpec(bits=4))
-        with pytest.raises(ValueError, match="the PACT alpha must be finite and > 0"):
+        with pytest.raises(ValueError, match="the PACT alpha must be finite and positive"):
             pact_fake_quant(x, jnp.float32(bad), QuantSpec(bits=4, signed=False))
         with pytest.raises(ValueError, match="a: the LSQ step"):
             lsq_as_static({"a": jnp.float32(bad)})

@@ -273,7 +273,7 @@ def test_a_concrete_step_checks_the_schedules_value_and_empty_leaves_are_named()
     """prune_now(step=) evaluates the schedule there: 1.5 or NaN is an error, not a clip."""
     for bad in (1.5, float("nan")):
         pruner = sp.Pruner(sparsity=lambda step, bad=bad: jnp.where(step == 50, bad, 0.5))
-        with pytest.raises(ValueError, match="rule 0 gives sparsity .* at step 50"):
+        with pytest.raises(ValueError, match="the sparsity of rule 0 at step 50 must be in"):
             sp.prune_now(_params(), pruner, step=50)
     with pytest.raises(ValueError, match=r"kernel: an empty leaf \(shape \(0, 4\)\)"):
         sp.prune_now({"kernel": jnp.zeros((0, 4))}, sp.Pruner(sparsity=0.5))
