@@ -139,6 +139,29 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+# XLA's CPU runtime sets up a buffer for each value of every reduction's reducer (and for
+# every constant) on each call of a program, ~1 us apiece, even where the reduction sits in a
+# branch that does not run. The mask search is such a branch of every pruned train step, so
+# reductions over a handful of per-group flags are unrolled into elementwise operations.
+_UNROLL = 16
+
+
+def any_of(x: jax.Array) -> jax.Array:
+    """`jnp.any(x)`; without a reduction when `x` is small."""
+    x = jnp.ravel(x)
+    if x.size > _UNROLL:
+        return jnp.any(x)
+    out = jnp.zeros((), bool)
+    for i in range(x.size):
+        out = out | x[i]
+    return out
+
+
+def all_of(x: jax.Array) -> jax.Array:
+    """`jnp.all(x)`; without a reduction when `x` is small."""
+    return ~any_of(~jnp.asarray(x, bool))
+
+
 class UnitWeights:
     """Per-element weights of one leaf (e.g. the weights each block holds), hashable so the
     jitted search can take them as a static argument."""
@@ -244,16 +267,14 @@ def _sample_bracket(
     q = k.astype(jnp.float32) / jnp.asarray(totals, jnp.float32)
     margin = 3.0 * jnp.sqrt(q * (1.0 - q) / sizes + 1.0 / sizes**2)
 
-    largest = jnp.max(jnp.where(mass > 0, values, -jnp.inf), axis=1)
-
-    def quantile(fraction):
-        target = fraction * jnp.asarray(totals, jnp.float32)
-        reached = (through >= target[:, None]) & (mass > 0)
-        value = jnp.min(jnp.where(reached, values, jnp.inf), axis=1)
-        value = jnp.where(jnp.any(reached, axis=1) & (fraction < 1), value, largest)
-        return jnp.where(fraction > 0, value, jnp.nan)
-
-    return quantile(q - margin), quantile(q + margin)
+    # Both quantiles in one reduction. A fraction >= 1 takes (nearly) the largest sample: the
+    # sample's total mass is the group's total only up to float32 rounding.
+    fraction = jnp.stack([q - margin, q + margin])
+    target = jnp.minimum(fraction, 1.0 - 1e-4) * jnp.asarray(totals, jnp.float32)
+    reached = (through >= target[:, :, None]) & (mass > 0)
+    value = jnp.min(jnp.where(reached, values, jnp.inf), axis=2)
+    value = jnp.where((fraction > 0) & (value < jnp.inf), value, jnp.nan)
+    return value[0], value[1]
 
 
 def _search(
@@ -261,9 +282,10 @@ def _search(
     groups: Sequence[int],
     weights: Sequence[Weight],
     k: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, list[jax.Array]]:
     """Per group, keys lo < hi with c(lo) <= k <= c(hi) and c(lo) == k, c(hi) == k, or nothing
-    between them to split (hi == lo + 1).
+    between them to split (hi == succ(lo)); and per leaf, the weight of its scores in [lo, hi)
+    (the ties at `from_key(lo)` in the last case).
 
     c(key) is the weighted count of scores strictly below `from_key(key)`.
     """
@@ -279,12 +301,13 @@ def _search(
                          "2**31 - 1 are supported")
     target = k.astype(jnp.float32) + 0.5
 
-    def counts(keys: jax.Array, scores: list[jax.Array]) -> jax.Array:
+    def counts(keys: jax.Array, scores: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Per group and per leaf."""
         thresholds = from_key(keys)[groups_arr]
         per_leaf = [count_below(s, thresholds[i]) if w == 1
                     else _weighted_count(below(s, thresholds[i]) > 0, w)
                     for i, (s, w) in enumerate(zip(scores, weights))]
-        return _group_sum(per_leaf, groups, num_groups)
+        return _group_sum(per_leaf, groups, num_groups), jnp.stack(per_leaf)
 
     def nearest(keys: jax.Array, upward: jax.Array, scores: list[jax.Array]) -> jax.Array:
         """Largest score below the threshold (or, where `upward`, the smallest at or above)."""
@@ -313,10 +336,11 @@ def _search(
 
     def cond(state):
         step, lo, hi, c_lo, c_hi = state[:5]
-        return (step < _MAX_STEPS) & ~jnp.all(done(lo, hi, c_lo, c_hi))
+        return (step < _MAX_STEPS) & ~all_of(done(lo, hi, c_lo, c_hi))
 
     def body(state):
-        step, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, has_nxt, ref_width, since, scores = state
+        (step, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, has_nxt, ref_width, since, leaf_lo,
+         leaf_hi, scores) = state
         active = ~done(lo, hi, c_lo, c_hi)
         width = hi - lo
         frac = jnp.clip(-f_lo / (f_hi - f_lo), 0.0, 1.0)
@@ -333,9 +357,11 @@ def _search(
                           sampled, guess)
         cand = jnp.clip(jnp.where(has_nxt, nxt, guess), lo + 1, jnp.maximum(hi, lo + 2) - 1)
         cand = _normal_candidate(cand, lo)
-        c = counts(cand, scores)
+        c, per_leaf = counts(cand, scores)
         up = active & (c <= k)
         down = active & (c > k)
+        leaf_lo = jnp.where(up[groups_arr], per_leaf, leaf_lo)
+        leaf_hi = jnp.where(down[groups_arr], per_leaf, leaf_hi)
         f_c = c.astype(jnp.float32) - target
         # Illinois: an end kept twice in a row counts half, so the interpolation moves it.
         f_hi = jnp.where(down, f_c, jnp.where(up & (side < 0), f_hi * 0.5, f_hi))
@@ -358,25 +384,29 @@ def _search(
             hi = jnp.where(snap & ~upward, succ(value_key), hi)
             return lo, hi, jnp.where(upward, succ(value_key), value_key)
 
-        lo, hi, nxt = lax.cond(jnp.any(snap), snapped, lambda a: (*a, cand), (lo, hi))
+        # Snapping moves an end onto the nearest score: no score lies between, so the counts
+        # at the ends (per group and per leaf) stay as they are.
+        lo, hi, nxt = lax.cond(any_of(snap), snapped, lambda a: (*a, cand), (lo, hi))
         new_width = hi - lo
         halved = new_width <= ref_width // 2
         ref_width = jnp.where(halved, new_width, ref_width)
         since = jnp.where(halved | snap, 0, since + 1)
         return (step + 1, lo, hi, c_lo, c_hi, f_lo, f_hi, side, nxt, off_by_one, ref_width, since,
-                lax.optimization_barrier(scores))
+                leaf_lo, leaf_hi, lax.optimization_barrier(scores))
 
     zeros_i = jnp.zeros((num_groups,), jnp.int32)
     state = (
         jnp.int32(0), lo, hi, c_lo, c_hi,
         c_lo.astype(jnp.float32) - target, c_hi.astype(jnp.float32) - target,
         zeros_i, lo, jnp.zeros((num_groups,), bool), hi - lo, zeros_i,
+        jnp.zeros((len(scores),), jnp.int32),
+        jnp.asarray([_total(s, w) for s, w in zip(scores, weights)], jnp.int32),
         scores,
     )
     # The scores ride in the loop state and come back out (the barrier keeps XLA from seeing
     # through): passed as loop constants and read again afterwards, they would be copied.
-    _, lo, hi, c_lo, c_hi, *_, scores = lax.while_loop(cond, body, state)
-    return lo, hi, c_lo, c_hi, scores
+    _, lo, hi, c_lo, c_hi, *_, leaf_lo, leaf_hi, scores = lax.while_loop(cond, body, state)
+    return lo, hi, c_lo, c_hi, leaf_hi - leaf_lo, scores
 
 
 def _tie_cutoffs(
@@ -385,13 +415,15 @@ def _tie_cutoffs(
     weights: Sequence[Weight],
     tie_value: jax.Array,
     need: jax.Array,
+    tie_counts: jax.Array,
 ) -> list[jax.Array]:
     """Per leaf, the index j such that the ties (score == tie_value of its group) at positions
     below j are the first ties of the group in (leaf, position) order whose weight is nearest
-    `need` (exactly `need` ties when unweighted)."""
+    `need` (exactly `need` ties when unweighted). `tie_counts` holds each leaf's (weighted)
+    number of ties, which the search counted on its way."""
     groups_arr = np.asarray(groups)
     ties = [s == tie_value[g] for s, g in zip(scores, groups)]
-    tie_counts = [_weighted_count(t, w) for t, w in zip(ties, weights)]
+    tie_counts = [tie_counts[i] for i in range(len(scores))]
     # Ties left for each leaf after the earlier leaves of its group took theirs.
     before = []
     running: dict[int, jax.Array] = {}
@@ -415,7 +447,7 @@ def _tie_cutoffs(
 
             steps = int(math.ceil(math.log2(tie.size + 1))) + 1
             end = lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(tie.size)))[1]
-            if not isinstance(w, UnitWeights):
+            if not isinstance(w, UnitWeights) and w == 1:
                 return end
             # The tie at end - 1 crosses `want`: leave it out when that lands nearer.
             over = _weighted_count(tie & (index < end), w)
@@ -473,7 +505,7 @@ def _lowest_k(
     scores: list[jax.Array], k: jax.Array, groups: tuple[int, ...], weights: tuple[Weight, ...]
 ) -> list[jax.Array]:
     scores = [sanitize(s) for s in scores]
-    lo_key, hi_key, c_lo, c_hi, scores = _search(scores, groups, weights, k)
+    lo_key, hi_key, c_lo, c_hi, between, scores = _search(scores, groups, weights, k)
     at_hi = c_hi == k
     threshold = jnp.where(at_hi, from_key(hi_key), from_key(lo_key))
     marked = [below(s, threshold[g]) > 0 for s, g in zip(scores, groups)]
@@ -482,10 +514,10 @@ def _lowest_k(
     tie_value = from_key(lo_key)
 
     def split_ties(marked):
-        cutoffs = _tie_cutoffs(scores, groups, weights, tie_value, need)
+        cutoffs = _tie_cutoffs(scores, groups, weights, tie_value, need, between)
         return [
             m | ((s == tie_value[g]) & (flat_index(s.shape) < j))
             for m, s, g, j in zip(marked, scores, groups, cutoffs)
         ]
 
-    return lax.cond(jnp.any(need > 0), split_ties, lambda m: m, marked)
+    return lax.cond(any_of(need > 0), split_ties, lambda m: m, marked)

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxcomp.sparsity._select import any_of
 from jaxcomp.sparsity.dynamic import SET, drop_and_grow
 from jaxcomp.sparsity.pruner import Pruner, _rule_key, all_masks, check_pruned_leaves, resolve
 from jaxcomp.tree import assert_same_structure
@@ -229,7 +230,7 @@ def prune(
         for group in groups:
             now = group.targets(count)
             before = jnp.where(count > 0, group.targets(count - 1), 0.0)
-            changed = changed | jnp.any(now != before)
+            changed = changed | any_of(now != before)
         if update_every:
             changed = changed | (count % update_every == 0)
         branch = jnp.where(changed, 1, 0)

@@ -215,3 +215,49 @@ def test_weighted_lowest_k_marks_the_prefix_nearest_k(scores, k, expected):
     """Per-element weights: the prefix of (score, position) order whose weight is nearest k."""
     marked = lowest_k([jnp.array(scores)], jnp.array([k]), weights=[np.array([4, 1, 4])])
     np.testing.assert_array_equal(marked[0], expected)
+
+
+def _reference_lowest_k(xs, ks, groups, weights):
+    """Brute force: per group, the prefix of the stable (score, leaf, position) order whose
+    weight is nearest k, the shorter on a draw (NaN lowest)."""
+    out = [np.zeros(x.size, bool) for x in xs]
+    for g, k in enumerate(ks):
+        items = []
+        for i, (x, w) in enumerate(zip(xs, weights)):
+            if groups[i] == g:
+                w = np.broadcast_to(np.asarray(w), x.shape).ravel()
+                items += [(-np.inf if np.isnan(v) else v, i, p, w[p])
+                          for p, v in enumerate(x.ravel())]
+        items.sort(key=lambda item: item[:3])
+        reached = np.concatenate([[0], np.cumsum([item[3] for item in items])])
+        for _, i, p, _ in items[: int(np.argmin(np.abs(reached - k)))]:
+            out[i][p] = True
+    return [o.reshape(x.shape) for o, x in zip(out, xs)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lowest_k_matches_a_brute_force_reference(seed):
+    """Random groups, per-leaf and per-element weights, ties and NaN: the same marks as sorting."""
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(rng.integers(1, 6, size=rng.integers(1, 3))) for _ in range(4)]
+    xs = [rng.integers(0, 4, size=s).astype(np.float32) if seed % 2 else
+          rng.normal(size=s).astype(np.float32) for s in shapes]
+    xs[0].ravel()[0] = np.nan
+    groups = [0, 1, 0, 1]
+    weights = [rng.integers(1, 4, size=shapes[0]), 2, 1, 3]
+    totals = [sum(np.broadcast_to(np.asarray(w), x.shape).sum()
+                  for x, w, g in zip(xs, weights, groups) if g == group) for group in (0, 1)]
+    for ks in ([int(rng.integers(0, t + 1)) for t in totals], [1, totals[1] - 1]):
+        got = lowest_k([jnp.asarray(x) for x in xs], jnp.asarray(ks), groups=groups,
+                       weights=weights)
+        for a, b in zip(got, _reference_lowest_k(xs, ks, groups, weights)):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"ks={ks}")
+
+
+def test_uniform_weights_above_one_take_the_tie_prefix_nearest_k():
+    """Ties of a leaf whose units each stand for 3 elements: k=1 takes none (0 is nearer than
+    3), k=5 stops at 4 (not 7). Regression: only per-element weights used the nearest rule."""
+    xs = [jnp.array([0.5, -1.0]), jnp.array([[0.2], [0.9]])]
+    for k, expected in [(1, [[0, 0], [0, 0]]), (5, [[0, 1], [1, 0]])]:
+        got = lowest_k(xs, jnp.array([k]), groups=[0, 0], weights=[3, 1])
+        assert [np.asarray(g).ravel().astype(int).tolist() for g in got] == expected
