@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.sparsity._select import flat_index, lowest_k
+from jaxcomp.sparsity._select import TINY, flat_index, lowest_k
 from jaxcomp.sparsity.schedules import check_array_sparsity, check_sparsity
 
 __all__ = [
@@ -233,16 +233,21 @@ def erk_sparsities(
 
 
 def keep_best(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`scores` with its highest one (the first, on ties; NaN lowest) raised to +inf, so that a
-    shared threshold below 1 keeps at least that element of the leaf; and where it is."""
+    """float32 `scores` with its highest one (the first, on ties; NaN lowest; magnitudes below
+    `TINY` as zero) raised to +inf, so that a shared threshold below 1 keeps at least that
+    element of the leaf; and where it is. A +inf score of its own becomes the largest finite
+    float32, so that the marked element alone ranks above every other score."""
+    scores = jnp.asarray(scores).astype(jnp.float32)
     if scores.size == 0:
         return scores, jnp.zeros(scores.shape, bool)
-    ranked = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    scores = jnp.where(scores == jnp.inf, jnp.finfo(jnp.float32).max, scores)
+    ranked = jnp.where(jnp.isnan(scores), -jnp.inf,
+                       jnp.where(jnp.abs(scores) < TINY, jnp.zeros((), jnp.float32), scores))
     # Two reductions, not argmax, which XLA partitions by gathering the leaf.
     index = flat_index(scores.shape)
     first = jnp.min(jnp.where(ranked == jnp.max(ranked), index, scores.size))
     best = index == first
-    return jnp.where(best, jnp.asarray(jnp.inf, scores.dtype), scores), best
+    return jnp.where(best, jnp.inf, scores), best
 
 
 def global_threshold_masks(scores: Any, sparsity: jax.typing.ArrayLike) -> Any:

@@ -147,11 +147,11 @@ class Pruner:
                     f"N:M sparsity is fixed at {granularity.n}:{granularity.m}; it cannot be "
                     f"spread by {type(distribution).__name__} (use Uniform)"
                 )
-            # Only where one level sets both (a rule that inherits the pruner's sparsity while
-            # switching to N:M says "prune this layer N:M", not "at that sparsity").
-            both = (index == len(rules) or (rules[index].granularity is not None
-                                            and rules[index].sparsity is not None))
-            if (both and isinstance(granularity, NM) and not callable(spec)
+            # Only where the level sets the sparsity itself (a rule that inherits the pruner's
+            # sparsity while switching to N:M says "prune this layer N:M", not "at that
+            # sparsity"; one that sets a sparsity under an inherited N:M means that sparsity).
+            explicit = index == len(rules) or rules[index].sparsity is not None
+            if (explicit and isinstance(granularity, NM) and not callable(spec)
                     and float(spec) not in (0.0, granularity.sparsity)):
                 raise ValueError(
                     f"N:M sparsity is fixed at {granularity.n}:{granularity.m} (sparsity "

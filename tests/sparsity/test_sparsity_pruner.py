@@ -284,3 +284,13 @@ def test_an_int_block_is_square_and_a_single_rule_is_accepted():
     assert sp.Block(2).shape == (2, 2)
     rule = sp.Rule(where="Dense_1/kernel", sparsity=0.25)
     assert sp.Pruner(sparsity=0.5, rules=rule).rules == (rule,)
+
+
+def test_a_rule_sparsity_under_an_inherited_nm_granularity_is_checked():
+    """A rule that sets sparsity 0.9 where the pruner's N:M applies cannot be met: ValueError
+    (regression: it was silently pruned 2:4). Inheriting the sparsity stays allowed."""
+    with pytest.raises(ValueError, match="N:M sparsity is fixed"):
+        sp.Pruner(sparsity=0.5, granularity=sp.NM(2, 4),
+                  rules=[sp.Rule(where="d0/kernel", sparsity=0.9)])
+    sp.Pruner(sparsity=0.5, granularity=sp.NM(2, 4), rules=[sp.Rule(where="d0", sparsity=0.5)])
+    sp.Pruner(sparsity=0.9, rules=[sp.Rule(where="d0", granularity=sp.NM(2, 4))])

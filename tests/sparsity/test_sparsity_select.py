@@ -261,3 +261,28 @@ def test_uniform_weights_above_one_take_the_tie_prefix_nearest_k():
     for k, expected in [(1, [[0, 0], [0, 0]]), (5, [[0, 1], [1, 0]])]:
         got = lowest_k(xs, jnp.array([k]), groups=[0, 0], weights=[3, 1])
         assert [np.asarray(g).ravel().astype(int).tolist() for g in got] == expected
+
+
+def test_global_threshold_keeps_each_leafs_best_next_to_infinite_scores():
+    """Another leaf's +inf scores do not tie with the unit each leaf keeps (regression: leaf
+    `a` lost its best score 5.0 to the tie and was emptied)."""
+    got = sp.global_threshold_masks({"a": jnp.array([5., 1.]), "b": jnp.array([np.inf] * 2)}, 0.5)
+    assert np.asarray(got["a"]).tolist() == [True, False]
+    assert np.asarray(got["b"]).tolist() == [True, False]
+    params = {"a": {"kernel": jnp.array([5., 1.])}, "b": {"kernel": jnp.array([np.inf, -np.inf])}}
+    masks = sp.compute_masks(params, sp.Pruner(sparsity=0.5, distribution=sp.GlobalThreshold()))
+    assert np.asarray(masks["a"]["kernel"]).tolist() == [True, False]
+
+
+def test_global_threshold_takes_integer_scores():
+    """Integer scores (regression: OverflowError writing inf into an int array)."""
+    got = sp.global_threshold_masks({"a": jnp.array([1, 5, 3]), "b": jnp.array([2, 4])}, 0.4)
+    assert np.asarray(got["a"]).tolist() == [False, True, True]
+    assert np.asarray(got["b"]).tolist() == [False, True]
+
+
+def test_the_unit_a_leaf_keeps_is_its_first_among_scores_that_tie_with_zero():
+    """Scores below TINY tie with 0, also when choosing the unit each leaf keeps."""
+    got = sp.global_threshold_masks({"a": jnp.array([0., 1e-31]), "b": jnp.array([5., 6.])}, 0.5)
+    assert np.asarray(got["a"]).tolist() == [True, False]
+    assert np.asarray(got["b"]).tolist() == [False, True]
