@@ -201,10 +201,13 @@ def _power_of_two(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     # Table: [0, +2**e_max .. +2**e_min, -2**e_max .. -2**e_min, 0 (unused code)].
     centroids = jnp.concatenate([jnp.zeros(1), magnitudes, -magnitudes, jnp.zeros(1)])
     mag = jnp.abs(xf)
-    exponent = jnp.clip(jnp.round(jnp.log2(jnp.where(mag > 0, mag, 1.0))), e_min, e_max)
+    log_mag = jnp.log2(jnp.where(mag > 0, mag, 1.0))
+    exponent = jnp.clip(jnp.round(log_mag), e_min, e_max)
     level = (e_max - exponent).astype(jnp.int32)  # 0 for the largest magnitude
     index = jnp.where(xf >= 0, 1 + level, 1 + n + level)
-    index = jnp.where(mag < 2.0 ** (e_min - 1), 0, index)
+    # Compared in the log domain: with 8 bits, 2**(e_min - 1) is subnormal for max|x| < 1.4,
+    # which XLA's CPU backend reads as 0 (zeros would then take a level).
+    index = jnp.where((mag == 0) | (log_mag < e_min - 1), 0, index)
     return index, centroids
 
 

@@ -56,6 +56,16 @@ def test_power_of_two_levels_are_zero_and_signed_powers_of_two():
     assert cb.summary().startswith("power-of-two")
 
 
+def test_power_of_two_eight_bits_keeps_zeros_zero():
+    """With 8 bits the smallest levels are subnormal for max|x| < 1.4: zeros must still map to
+    0 (regression: they took the largest level)."""
+    x = jnp.array([0.2, 0.0, -0.0, -0.1, 1e-30])
+    np.testing.assert_array_equal(power_of_two_quantize(x, 8).materialize()[1:3], [0.0, 0.0])
+    np.testing.assert_array_equal(power_of_two_quantize(jnp.zeros(3), 8).materialize(), 0.0)
+    out = np.asarray(power_of_two_quantize(x, 8).materialize())
+    np.testing.assert_allclose(out[[0, 3]], [0.25, -0.125])
+
+
 def test_codebook_trees_and_bad_input_name_the_path():
     """Tree versions select by where=; bad bits, NaN and non-float leaves raise ValueError."""
     params = {"Dense_0": {"kernel": W, "bias": jnp.zeros(16)}}
