@@ -270,20 +270,9 @@ def prune(
                 new[i] = mask
             return new, key
 
-        def on_bytes(update):
-            def run(operands):
-                masks, key = update(([None if m is None else m.astype(bool) for m in operands[0]],
-                                     operands[1]))
-                return [None if m is None else m.astype(jnp.uint8) for m in masks], key
-            return run
-
-        # The masks cross the switch as uint8: XLA's CPU backend passes a bool array through a
-        # conditional several times slower (about 95 us against 24 us for 235k elements).
-        branches = [lambda operands: operands, on_bytes(recompute)]
-        branches += [on_bytes(drop_grow)] if dynamic is not None else []
-        as_bytes = [None if m is None else m.astype(jnp.uint8) for m in old_masks]
-        new_masks, key = lax.switch(branch, branches, (as_bytes, state.key))
-        new_masks = [None if m is None else m.astype(bool) for m in new_masks]
+        branches = [lambda operands: operands, recompute]
+        branches += [drop_grow] if dynamic is not None else []
+        new_masks, key = lax.switch(branch, branches, (old_masks, state.key))
 
         inner_state = state.inner_state
         # Weights kept before and after this step; the others (pruned, regrown) end at zero.
