@@ -240,14 +240,16 @@ def keep_best(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
     scores = jnp.asarray(scores).astype(jnp.float32)
     if scores.size == 0:
         return scores, jnp.zeros(scores.shape, bool)
-    scores = jnp.where(scores == jnp.inf, jnp.finfo(jnp.float32).max, scores)
+    # Each use recomputes from `scores` (elementwise, fused): a shared modified copy would be a
+    # leaf-sized temporary.
     ranked = jnp.where(jnp.isnan(scores), -jnp.inf,
                        jnp.where(jnp.abs(scores) < TINY, jnp.zeros((), jnp.float32), scores))
     # Two reductions, not argmax, which XLA partitions by gathering the leaf.
     index = flat_index(scores.shape)
     first = jnp.min(jnp.where(ranked == jnp.max(ranked), index, scores.size))
     best = index == first
-    return jnp.where(best, jnp.inf, scores), best
+    finite_top = jnp.where(scores == jnp.inf, jnp.finfo(jnp.float32).max, scores)
+    return jnp.where(best, jnp.inf, finite_top), best
 
 
 def global_threshold_masks(scores: Any, sparsity: jax.typing.ArrayLike) -> Any:
