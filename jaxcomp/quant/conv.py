@@ -101,7 +101,7 @@ def qconv(
                tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
     if act_params is not None and activations is not None:
         # Shapes, and concrete values: a zero or NaN scale would zero or NaN the layer silently.
-        check_params(act_params, layout(x.shape, activations, path), path)
+        check_params(act_params, layout(x.shape, activations, path), path, activations)
     return _qconv_program(x, w, act_params, options, activations, strategy, out_dtype)
 
 

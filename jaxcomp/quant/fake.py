@@ -134,7 +134,7 @@ def _fake_quant_checked(x, spec, params, key, ste, path, *, barrier):
     # NaN, and with static ranges an Inf would be silently clipped to the largest level.
     check_finite(x, path)
     if params is not None:
-        params = check_params(params, lay, path)
+        params = check_params(params, lay, path, spec)
     rounding_noise(key, (), spec, path)  # validates the key
     if params is None and spec.signed and spec.symmetric:
         # A range taken from x itself clips nothing on a signed symmetric grid, so the clipped

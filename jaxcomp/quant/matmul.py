@@ -367,7 +367,7 @@ def _check_activation_scales(shape, activations: QuantSpec, act_params, contract
             if not ok:
                 raise ValueError(f"{path}: act_params.{name} of shape {jnp.shape(value)} does not "
                                  f"broadcast to {lay.params_shape}")
-        check_params(act_params, lay, path)  # concrete values: finite positive scales, ...
+        check_params(act_params, lay, path, activations)  # concrete values: finite positive scales, ...
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))

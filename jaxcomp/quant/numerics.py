@@ -153,11 +153,14 @@ def check_positive(value: jax.typing.ArrayLike, name: str, path: str) -> None:
                          f"{array[bad].ravel()[:4].tolist()}")
 
 
-def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
+def check_params(params: QuantParams, lay: Layout, path: str,
+                 spec: QuantSpec | None = None) -> QuantParams:
     """Validates static params and broadcasts them to `lay.params_shape` (float32).
 
     Scales must broadcast to the parameter shape and, where concrete, be finite and positive
-    (a zero scale would collapse the grid). Zero points must broadcast likewise.
+    (a zero scale would collapse the grid). Zero points must broadcast likewise and, where
+    concrete, be whole numbers inside the spec's integer range (a uint8 zero point of 128 given
+    to an int8 spec would saturate every code).
 
     Raises:
       ValueError: naming `path` and the offending shape or value.
@@ -187,6 +190,12 @@ def check_params(params: QuantParams, lay: Layout, path: str) -> QuantParams:
             if bad.any():
                 raise ValueError(f"{path}: zero points must be whole numbers, got "
                                  f"{z[bad].ravel()[:4].tolist()}")
+            if spec is not None:
+                outside = (z < spec.qmin) | (z > spec.qmax)
+                if outside.any():
+                    raise ValueError(
+                        f"{path}: zero points must lie in [{spec.qmin}, {spec.qmax}] for "
+                        f"{spec.describe()}, got {z[outside].ravel()[:4].tolist()}")
     return QuantParams(scale, zero_point)
 
 

@@ -217,7 +217,7 @@ def quantize(
     check_finite(x, path)
     lay = layout(x.shape, spec, path)  # validates axes and groups, naming the path
     if params is not None:
-        params = check_params(params, lay, path)
+        params = check_params(params, lay, path, spec)
     rounding_noise(key, (), spec, path)  # validates the key for stochastic rounding
     return _quantize(x, params, key, spec)
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxcomp.quant import (
+    QuantParams,
     QuantSpec,
     dequantize,
     fake_quant,
@@ -166,3 +167,15 @@ def test_fp8_formats_round_to_float8_values():
         expected = (x / scale).astype(dtype).astype(jnp.float32) * scale
         chex.assert_trees_all_close(fake_quant(x, spec), expected, rtol=1e-6)
         assert quantize(x, spec).values.dtype == dtype
+
+
+def test_static_zero_points_outside_the_integer_range_raise():
+    """A uint8-style zero point (200) given to an int8 spec names the path and the range."""
+    spec = QuantSpec(bits=8, symmetric=False)
+    bad = QuantParams(jnp.float32(0.1), jnp.float32(200.0))
+    with pytest.raises(ValueError, match=r"w: zero points must lie in \[-128, 127\]"):
+        quantize(jnp.ones(4), spec, params=bad, path="w")
+    with pytest.raises(ValueError, match=r"zero points must lie in"):
+        fake_quant(jnp.ones(4), spec, params=bad)
+    ok = QuantParams(jnp.float32(0.1), jnp.float32(-128.0))
+    quantize(jnp.ones(4), spec, params=ok)
