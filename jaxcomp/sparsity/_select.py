@@ -140,9 +140,10 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
 
 
 # XLA's CPU runtime sets up a buffer for each value of every reduction's reducer (and for
-# every constant) on each call of a program, ~1 us apiece, even where the reduction sits in a
-# branch that does not run. The mask search is such a branch of every pruned train step, so
-# reductions over a handful of per-group flags are unrolled into elementwise operations.
+# every constant) on each call of a program, even where the reduction sits in a branch that
+# does not run, as the mask search does in every pruned train step. Reductions over a handful
+# of per-group flags are unrolled into elementwise operations to keep that program small
+# (docs/sparsity.md measures what it does and does not change in a train step).
 _UNROLL = 16
 
 
