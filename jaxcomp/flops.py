@@ -76,7 +76,17 @@ def _conv_flops(eqn: Any) -> int:
     dn = eqn.params["dimension_numbers"]
     rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, *spatial dims)
     window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
-    if any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
+    kernel = [rhs.shape[d] for d in rhs_spec[2:]]
+    rhs_dilation = eqn.params.get("rhs_dilation") or (1,) * len(kernel)
+    padding = eqn.params.get("padding")
+    # A stride-1 transposed convolution has no inserted zeros but pads every side by the whole
+    # window ("full" convolution): the padding zeros are not multiplied either.
+    full = (not isinstance(padding, str) and padding is not None and len(padding) == len(kernel)
+            and all(s == 1 for s in eqn.params.get("window_strides") or ())
+            and any(k > 1 for k in kernel)
+            and all(lo >= (k - 1) * r and hi >= (k - 1) * r
+                    for (lo, hi), k, r in zip(padding, kernel, rhs_dilation)))
+    if full or any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
         # A transposed convolution: the zeros inserted between inputs are not multiplied (the
         # fvcore convention): every input element meets the whole window, for each output
         # feature of its group.
@@ -128,9 +138,21 @@ def _walk_sub(
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     if name == "scan":
+        # The carry takes the union of its start and what the body makes of it (a fixed point,
+        # found uncounted, as for while): a carry that starts from a parameter (a learned
+        # initial state) is state, not a weight, from the second step on.
         inner = eqn.params["jaxpr"].jaxpr
-        outs = _walk(inner, ins, counts, scale * int(eqn.params["length"]))
-        return outs[:n_out]
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        consts, carry = ins[:n_consts], ins[n_consts:n_consts + n_carry]
+        xs = ins[n_consts + n_carry:]
+        for _ in range(n_carry + 1):
+            outs = _walk(inner, consts + carry + xs, {}, scale)
+            new = [a | b for a, b in zip(carry, outs[:n_carry])]
+            if new == carry:
+                break
+            carry = new
+        outs = _walk(inner, consts + carry + xs, counts, scale * int(eqn.params["length"]))
+        return (carry + outs[n_carry:])[:n_out]
     if name == "cond":
         # Count the most expensive branch; outputs may come from any branch.
         best: dict[str, int] | None = None

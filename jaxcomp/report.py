@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.core import bit_width, is_compressed, leaf_dtype, stored_nbytes
@@ -180,6 +181,8 @@ def _zeros_fraction(leaf: Any) -> float | None:
         dense = leaf.materialize() if is_compressed(leaf) else leaf
         if not isinstance(dense, (jax.Array, np.ndarray, np.generic, int, float, bool)):
             return None  # abstract (ShapeDtypeStruct): no values to count
+        if isinstance(dense, jax.Array) and jnp.issubdtype(dense.dtype, jax.dtypes.prng_key):
+            return 0.0  # a PRNG key holds no weights: nothing pruned
         array = np.asarray(jax.device_get(dense))
     except (TypeError, AttributeError, jax.errors.TracerArrayConversionError):
         return None  # abstract or traced children

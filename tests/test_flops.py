@@ -109,3 +109,31 @@ def test_a_while_loop_body_counts_once_and_keeps_the_weights_path():
 
     count = count_flops(fn, {"w": jnp.ones((4, 4))}, jnp.ones((2, 4)), 3)
     assert count.per_path == {"w": 2 * 2 * 4 * 4}
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_a_stride_one_transposed_conv_counts_inputs_times_the_window(padding):
+    """Stride 1 VALID pads every side by the whole window (a full convolution): the padding
+    zeros are not multiplied, as for the zeros a stride inserts (regression: counted 7x7)."""
+    from flax import linen as nn
+
+    x = jnp.zeros((2, 5, 5, 4))
+    count = _linen_flops(nn.ConvTranspose(6, (3, 3), padding=padding), x)
+    assert count.per_path == {"kernel": 2 * 2 * 25 * 9 * 4 * 6}
+    # A strided 1x1 convolution (a downsampling shortcut) still counts its outputs.
+    assert _linen_flops(nn.Conv(6, (1, 1), strides=2), x).per_path == {
+        "kernel": 2 * 2 * 9 * 4 * 6}
+
+
+def test_a_scan_carry_that_starts_from_a_parameter_is_state_not_a_weight():
+    """A learned initial state h0: every step's h @ U is charged to U (regression: half went to
+    h0, from the first step's view of the carry)."""
+    def fn(p, xs):
+        def body(h, x):
+            h = jnp.tanh(h @ p["U"] + x)
+            return h, h
+        return jax.lax.scan(body, jnp.broadcast_to(p["h0"], (2, 4)), xs)[1]
+
+    params = {"U": jnp.ones((4, 4)), "h0": jnp.zeros((4,))}
+    count = count_flops(fn, params, jnp.ones((5, 2, 4)))
+    assert count.per_path == {"U": 5 * 2 * 2 * 4 * 4}

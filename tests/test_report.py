@@ -75,3 +75,6 @@ def test_bytes_of_complex_python_scalar_and_key_leaves():
     rows = {row.path: row for row in report(nnx.state(model)).rows}
     key = next(row for path, row in rows.items() if path.endswith("key"))
     assert key.nbytes == 8 and "key" in key.dtype
+    # A key holds no weights: it does not make the total sparsity of a concrete tree unknown.
+    state = nnx.state(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    assert key.sparsity == 0.0 and report(state).totals.sparsity is not None

@@ -77,7 +77,12 @@ class FixedRank:
     clip: bool = True
 
     def __post_init__(self):
-        ranks = (self.rank,) if isinstance(self.rank, (int, np.integer)) else tuple(self.rank)
+        if isinstance(self.rank, (int, np.integer)):
+            ranks = (self.rank,)
+        elif isinstance(self.rank, (tuple, list)):
+            ranks = tuple(self.rank)
+        else:
+            ranks = ()  # 2.5, None, a string: not a rank
         if not ranks or any(
             not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1 for r in ranks
         ):

@@ -213,7 +213,10 @@ def check_finite(x: jax.typing.ArrayLike, path: str = "x") -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating) or x.size == 0:
         return
     # Reduced on the device(s) holding x: only three scalars come back, never the array.
-    count, first = jax.device_get(_non_finite(x))
+    result = _non_finite(x)
+    if any(isinstance(r, jax.core.Tracer) for r in result):
+        return  # a constant captured by an outer jit: staged like the rest of the program
+    count, first = jax.device_get(result)
     if count:
         index = tuple(int(i) for i in np.unravel_index(int(first), x.shape))
         value = jax.device_get(x[index])

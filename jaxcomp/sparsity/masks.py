@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.core import CompressedLeaf, compressed_leaf, is_compressed, materialize
+from jaxcomp.core import CompressedLeaf, bit_width, compressed_leaf, is_compressed, materialize
 from jaxcomp.tree import Where, key_path_str, selected_paths
 
 __all__ = [
@@ -195,7 +195,7 @@ class Masked(CompressedLeaf):
         size = math.prod(self.shape)
         kept = self._kept()
         values = size if kept is None else kept
-        bits = np.dtype(self.value.dtype).itemsize * 8
+        bits = bit_width(self.value.dtype)
         return -(-size // 8) + -(-values * bits // 8)
 
     @property

@@ -46,8 +46,10 @@ def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int 
         2
     """
     keep = size - math.floor(ratio * size + 1e-9)
-    keep = min(size, -(-keep // round_to) * round_to)
-    return max(keep, min(min_channels, size))
+    # The minimum counts before rounding, so the result stays a multiple of round_to (unless
+    # capped at size).
+    keep = max(keep, min_channels)
+    return min(size, -(-keep // round_to) * round_to)
 
 
 def _ratios(groups: Sequence[ChannelGroup], ratio: Any) -> dict[str, float]:

@@ -46,6 +46,7 @@ def planted(rows, cols, rank, noise, rng, strength=8.0):
 
 @pytest.mark.parametrize(
     "rule", [lambda: FixedRank(0), lambda: FixedRank((2, -1)), lambda: FixedRank(True),
+             lambda: FixedRank(2.5), lambda: FixedRank(None), lambda: FixedRank("2"),
              lambda: RankRatio(0.0), lambda: ParamRatio(1.5), lambda: Energy(0.0),
              lambda: VBMF(sigma2=-1.0), lambda: ParamBudget(0), lambda: FlopBudget(10, {"a": 0})],
 )

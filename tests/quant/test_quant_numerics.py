@@ -179,3 +179,11 @@ def test_static_zero_points_outside_the_integer_range_raise():
         fake_quant(jnp.ones(4), spec, params=bad)
     ok = QuantParams(jnp.float32(0.1), jnp.float32(-128.0))
     quantize(jnp.ones(4), spec, params=ok)
+
+
+def test_quantizing_a_constant_captured_by_jit_works():
+    """A concrete array closed over by a jitted function is staged like the rest of the program
+    (regression: TracerBoolConversionError in the finiteness check)."""
+    w = jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)
+    out = jax.jit(lambda: quantize(w, QuantSpec(bits=8)).materialize())()
+    np.testing.assert_allclose(out, w, atol=1 / 127)

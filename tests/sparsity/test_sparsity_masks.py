@@ -107,3 +107,9 @@ def test_ones_masks_select_kernels_only():
     assert bool(masks["Dense_0"]["kernel"].all())
     with pytest.raises(ValueError):
         sp.ones_masks(_params(), where="nothing_matches")
+
+
+def test_masked_nbytes_counts_sub_byte_values_at_their_width():
+    """int4 kept values count 4 bits each (regression: 8)."""
+    leaf = jaxcomp.sparsity.Masked(jnp.arange(4, dtype=jnp.int4), jnp.array([1, 1, 1, 0], bool))
+    assert leaf.nbytes == 1 + 2  # 4-bit mask in one byte, 3 kept int4 values in two

@@ -225,3 +225,10 @@ def test_selection_properties(sizes, ratio, min_channels, round_to, seed):
     assert removed <= int(np.floor(ratio * total + 1e-9))
     for g in groups:
         assert kept[g.name].sum() >= min(min_channels, g.size)
+
+
+def test_kept_count_rounds_after_the_minimum():
+    """min_channels above round_to: the count stays a multiple of round_to (regression: 3)."""
+    assert kept_count(7, 0.9, min_channels=3, round_to=2) == 4
+    assert kept_count(7, 0.9, min_channels=7, round_to=4) == 7  # capped at the size
+    assert kept_count(64, 0.5, min_channels=3, round_to=8) == 32
