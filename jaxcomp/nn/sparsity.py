@@ -297,12 +297,15 @@ def sparsify_nnx(model: nnx.Module, config: ActivationSparsity) -> nnx.Module:
     """
     found = []
     paths = []
-    for path_parts, module in nnx.iter_modules(model):
+    modules = list(nnx.iter_modules(model))
+    # Modules already wrapped (and what they hold) are not wrapped again.
+    wrapped = [tuple(parts) for parts, module in modules if isinstance(module, SparseActivation)]
+    for path_parts, module in modules:
         if not path_parts or isinstance(module, SparseActivation):
             continue
         path = "/".join(str(p) for p in path_parts)
         paths.append(path)
-        if any(part == "inner" for part in path_parts):
+        if any(tuple(path_parts[:len(w)]) == w for w in wrapped):
             continue
         if config.matches(path, module):
             found.append((path_parts, path, module))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxcomp.nn.sparsity import (
     ActivationSparsity,
+    SparseActivation,
     activation_sparsity_nnx,
     sparse_activations,
     sparsify_activation,
@@ -86,6 +87,35 @@ def test_bad_activation_configs_raise(make):
     """Exactly one of top_k/keep_fraction/threshold, valid values and regex: else ValueError."""
     with pytest.raises(ValueError):
         make()
+
+
+class _Encoder(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(6, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(x)
+
+
+class _TwoEncoders(nnx.Module):
+    def __init__(self, rngs):
+        self.inner = _Encoder(rngs)  # a user module named like SparseActivation's attribute
+        self.outer = _Encoder(rngs)
+
+    def __call__(self, x):
+        return self.outer(self.inner(x)[:, :6])
+
+
+def test_nnx_wraps_a_user_module_named_inner():
+    """Only what a SparseActivation holds is skipped, not any path part named "inner"
+    (regression: inner/fc was silently left dense)."""
+    model = _TwoEncoders(nnx.Rngs(0))
+    sparsify_nnx(model, ActivationSparsity(where=r".*/fc", top_k=2))
+    model(jnp.ones((1, 6)))
+    assert sorted(activation_sparsity_nnx(model)) == ["inner/fc", "outer/fc"]
+    assert int((model.inner(jnp.ones((1, 6))) != 0).sum()) == 2
+    assert isinstance(model.inner.fc, SparseActivation)
+    assert not isinstance(model.inner.fc.inner, SparseActivation)
 
 
 def test_nnx_where_matching_nothing_raises():
