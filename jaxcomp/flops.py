@@ -132,6 +132,19 @@ def _walk(jaxpr: Any, origins: list[_Origin], counts: dict[str, int], scale: int
     return [read(v) for v in jaxpr.outvars]
 
 
+def _settle(body: Any, consts: list[_Origin], carry: list[_Origin], rest: list[_Origin],
+            scale: int) -> list[_Origin]:
+    """Origins of a loop's carry: the union of where each starts and what the body (walked
+    uncounted, inputs `consts + carry + rest`) makes of it, iterated to a fixed point."""
+    for _ in range(len(carry) + 1):
+        outs = _walk(body, consts + carry + rest, {}, scale)
+        new = [a | b for a, b in zip(carry, outs[:len(carry)])]
+        if new == carry:
+            break
+        carry = new
+    return carry
+
+
 def _walk_sub(
     eqn: Any, subs: list[Any], ins: list[_Origin], counts: dict[str, int], scale: int
 ) -> list[_Origin]:
@@ -143,14 +156,8 @@ def _walk_sub(
         # initial state) is state, not a weight, from the second step on.
         inner = eqn.params["jaxpr"].jaxpr
         n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-        consts, carry = ins[:n_consts], ins[n_consts:n_consts + n_carry]
-        xs = ins[n_consts + n_carry:]
-        for _ in range(n_carry + 1):
-            outs = _walk(inner, consts + carry + xs, {}, scale)
-            new = [a | b for a, b in zip(carry, outs[:n_carry])]
-            if new == carry:
-                break
-            carry = new
+        consts, xs = ins[:n_consts], ins[n_consts + n_carry:]
+        carry = _settle(inner, consts, ins[n_consts:n_consts + n_carry], xs, scale)
         outs = _walk(inner, consts + carry + xs, counts, scale * int(eqn.params["length"]))
         return (carry + outs[n_carry:])[:n_out]
     if name == "cond":
@@ -179,13 +186,8 @@ def _walk_sub(
         # values take the union of what the body makes of them (a fixed point, found uncounted).
         cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
         body = eqn.params["body_jaxpr"].jaxpr
-        consts, carry = ins[cond_n:cond_n + body_n], ins[cond_n + body_n:]
-        for _ in range(len(carry) + 1):
-            outs = _walk(body, consts + carry, {}, scale)
-            new = [a | b for a, b in zip(carry, outs)]
-            if new == carry:
-                break
-            carry = new
+        consts = ins[cond_n:cond_n + body_n]
+        carry = _settle(body, consts, ins[cond_n + body_n:], [], scale)
         _walk(body, consts + carry, counts, scale)
         return carry
     # Unknown structure: count each body once, treat everything as mixed.
