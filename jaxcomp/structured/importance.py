@@ -191,10 +191,12 @@ def taylor_importance(
       where: which member leaves count (default: all with a gradient).
 
     Returns:
-      ``{group name: scores}``.
+      ``{group name: scores}`` for the groups with a selected member that has a gradient; the
+      others are absent (and `select_channels` keeps them whole).
 
     Raises:
-      ValueError: if `grads` has no path in common with the members of the groups.
+      ValueError: if `grads` has no path in common with the members of the groups, or if
+        `where` selects none of the members that have one.
 
     Example:
         >>> params = {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
@@ -214,11 +216,19 @@ def taylor_importance(
         )
     chosen = _chosen(tree, where)
     leaves = path_dict(tree)
-    pairs = [
-        (group, [(m, (leaves[m.path], gmap[m.path])) for m in group.members
-                 if m.path in chosen and m.path in gmap])
-        for group in groups
-    ]
+    pairs = []
+    for group in groups:
+        picked = [(m, (leaves[m.path], gmap[m.path])) for m in group.members
+                  if m.path in chosen and m.path in gmap and m.path in leaves]
+        # A group none of whose members the score reads is left out (kept whole), as in the
+        # other scores: all-zero scores would let `select_channels` prune it by position.
+        if picked:
+            pairs.append((group, picked))
+    if not pairs:
+        raise ValueError(
+            f"taylor_importance: where={where!r} selects no member of any group that has a "
+            f"gradient; members are e.g. {members[:3]}"
+        )
 
     def score(group: ChannelGroup, picked: list[tuple[GroupMember, Any]]) -> jax.Array:
         total = jnp.zeros(group.size, jnp.float32)

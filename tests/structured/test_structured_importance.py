@@ -103,6 +103,28 @@ def test_taylor_needs_gradients_on_the_group_paths():
         taylor_importance(P, {"x": jnp.ones(3)}, GROUPS)
 
 
+def test_taylor_leaves_out_groups_it_does_not_read():
+    """A group with no selected member (or no gradient) is absent, so `select_channels` keeps it
+    whole, as with the other scores; all-zero scores would prune it by position."""
+
+    def f(p, x):
+        return jax.nn.relu(jax.nn.relu(x @ p["a"]) @ p["b"]) @ p["c"]
+
+    rng = np.random.default_rng(0)
+    p = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+         for k, s in (("a", (4, 6)), ("b", (6, 5)), ("c", (5, 3)))}
+    x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    groups = channel_groups(f, p, x)
+    grads = jax.grad(lambda p: (f(p, x) ** 2).sum())(p)
+    only_a = taylor_importance(p, grads, groups, where=lambda path, _: path == "a")
+    assert set(only_a) == {"a"}
+    assert set(taylor_importance(p, {"a": grads["a"]}, groups)) == {"a"}
+    keep = select_channels(groups, only_a, ratio=0.4)
+    assert set(keep) == {"a"}
+    with pytest.raises(ValueError, match="selects no member"):
+        taylor_importance(p, grads, groups, where=lambda path, _: False)
+
+
 def test_importance_works_on_bfloat16_weights():
     """bf16 parameters score in float32 and are cut without changing their dtype."""
     p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), P)
