@@ -163,6 +163,7 @@ def conv(
             raise ValueError(f"{path}: CAUSAL padding is only defined for 1-D convolutions")
         x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
         padding = "VALID"
+    quantized = isinstance(kernel, QArray)
     if mask is not None:
         kernel = _masked_kernel(kernel, mask)
     out_dtype = _out_dtype(x, kernel, bias, dtype)
@@ -176,6 +177,10 @@ def conv(
                   strategy="int8" if strategy == "int8_padded" else strategy,
                   out_dtype=out_dtype, path=path, **options)
     else:
+        if quantized and activations is not None:
+            # A masked asymmetric kernel was dequantized: its input is still quantized, as the
+            # integer path (and `fake_quant_inputs`) would.
+            x = fake_quant(x, activations, params=act_params, path=path)
         y = lax.conv_general_dilated(x, kernel.astype(out_dtype), dimension_numbers=dn, **options)
     if bias is not None:
         y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape).astype(out_dtype)

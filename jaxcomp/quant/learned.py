@@ -165,8 +165,9 @@ def lsq_fake_quant(
         `lsq_init`); a trainable leaf.
       spec: a symmetric integer spec (signed for weights, unsigned for ReLU activations).
       grad_scale: the factor on the step's gradient; defaults to the paper's
-        `1 / sqrt(N * qmax)`, `N` the number of elements sharing a step (for activations the
-        paper uses the features per example: pass it explicitly to follow it exactly).
+        `1 / sqrt(N * qmax)`, `N` the number of elements sharing a step (all of `x` for a
+        scalar step, whatever the spec's granularity; for activations the paper uses the
+        features per example: pass it explicitly to follow it exactly).
       path: the name used in error messages.
 
     Returns:
@@ -194,7 +195,10 @@ def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
     _check_shape(step, lay, "step", path)
     check_positive(step, "the LSQ step", path)
     if grad_scale is None:
-        grad_scale = 1.0 / math.sqrt(lay.elements_per_scale * spec.qmax)
+        # N counts the elements that really share each step: a step broadcast over several
+        # scales of the spec (one step for a per-channel spec) is shared by all of them.
+        shared = lay.elements_per_scale * (math.prod(lay.params_shape) // max(step.size, 1))
+        grad_scale = 1.0 / math.sqrt(shared * spec.qmax)
     return _lsq_program(spec, lay, float(grad_scale), barrier, x, step)
 
 

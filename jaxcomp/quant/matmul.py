@@ -85,7 +85,9 @@ def quantize_activations(
     runs int8 x int8.
 
     Raises:
-      ValueError: naming `path` when the scales would vary along a contracted axis.
+      ValueError: naming `path` when the scales would vary along a contracted axis, or for
+        concrete `act_params` that `check_params` rejects (scales not finite and positive, zero
+        points not whole or outside the spec's range, shapes that do not broadcast).
     """
     lay = layout(x.shape, activations, path)
     if lay.grouped_shape != lay.shape or any(lay.params_shape[a] != 1 for a in contract):
@@ -96,10 +98,9 @@ def quantize_activations(
     if act_params is None:
         params = params_from_range(*quant_range(x, activations, lay), activations)
     else:
-        scale = jnp.broadcast_to(jnp.asarray(act_params.scale, jnp.float32), lay.params_shape)
-        zero = act_params.zero_point
-        zero = None if zero is None else jnp.broadcast_to(jnp.asarray(zero, jnp.float32), lay.params_shape)
-        params = QuantParams(scale, zero)
+        # Concrete static params are checked here too, for callers that come straight here (the
+        # integer einsum): a zero, negative or NaN scale would give a silently wrong product.
+        params = check_params(QuantParams(*act_params), lay, path, activations)
     codes = from_grouped(codes_from_grouped(to_grouped(x, lay), params, activations), lay)
     q, zero = _int8_codes(codes, params.zero_point, activations, path)
     return q, params.scale, zero

@@ -75,6 +75,20 @@ def test_lsq_per_channel_steps_get_per_channel_gradients():
     assert float(grad[0, 1]) == pytest.approx(col1 / math.sqrt(2 * 7))
 
 
+def test_lsq_gradient_scale_counts_the_elements_that_share_one_step():
+    """One step broadcast over a per-channel spec is shared by every element: its gradient is
+    the per-tensor one (N = x.size), not sqrt(channels) times larger."""
+    x = jax.random.normal(jax.random.key(1), (6, 10))
+    g = jax.random.normal(jax.random.key(2), (6, 10))
+    step = jnp.float32(0.3)
+
+    def grad(spec):
+        return jax.grad(lambda s: jnp.sum(lsq_fake_quant(x, s, spec) * g))(step)
+
+    per_channel = QuantSpec(bits=4, channel_axes=(-1,))
+    np.testing.assert_allclose(grad(per_channel), grad(SPEC4), rtol=1e-6)
+
+
 def test_lsq_init_follows_the_paper_and_is_positive_for_zeros():
     """s0 = 2 mean|x| / sqrt(Qp); an all-zero tensor gets 1."""
     x = jnp.array([1.0, -3.0, 0.0, 2.0])

@@ -233,6 +233,38 @@ def test_a_masked_conv_keeps_integer_operands_and_quantized_activations():
     chex.assert_trees_all_close(run(x), want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_masked_asymmetric_conv_still_quantizes_its_input():
+    """An asymmetric kernel is dequantized under a mask (code 0 is not the value 0); its input
+    must still be fake-quantized, as the integer path does (it used to run on the float input)."""
+    from jaxcomp.quant import layers
+
+    x = jax.random.normal(KX, (2, 6, 6, 3))
+    w = quantize(jax.random.normal(KW, (3, 3, 3, 4)), QuantSpec(symmetric=False, channel_axes=(-1,)))
+    mask = (jnp.arange(3 * 3 * 3 * 4).reshape(3, 3, 3, 4) % 3 != 0).astype(jnp.float32)
+    a4 = QuantSpec(bits=4)
+    dn = ("NHWC", "HWIO", "NHWC")
+    want = lax.conv_general_dilated(fake_quant(x, a4), w.materialize() * mask, (1, 1), "SAME",
+                                    dimension_numbers=dn)
+    got = layers.conv(x, w, mask=mask, activations=a4)
+    chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+    static = QuantParams(jnp.float32(0.1), None)
+    want = lax.conv_general_dilated(fake_quant(x, a4, params=static), w.materialize() * mask,
+                                    (1, 1), "SAME", dimension_numbers=dn)
+    got = layers.conv(x, w, mask=mask, activations=a4, act_params=static)
+    chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), -0.1])
+def test_the_integer_einsum_rejects_bad_static_activation_params(scale):
+    """The int8 einsum checks static activation params as qdot does (it used to run with them)."""
+    from jaxcomp.quant import layers
+
+    w = quantize(jax.random.normal(KW, (5, 4)), QuantSpec(channel_axes=(-1,)))
+    with pytest.raises(ValueError, match="layer0: scales must be finite and positive"):
+        layers.einsum("bk,kn->bn", jnp.ones((2, 5)), w, act_params=QuantParams(jnp.float32(scale)),
+                      path="layer0")
+
+
 @pytest.mark.parametrize(
     "act_params, message",
     [

@@ -262,6 +262,37 @@ def test_nnx_calibration_sets_static_lsq_and_pact_values():
         calibrate_nnx(_nnx_mlp(), [X])
 
 
+def test_nnx_calibration_of_signed_pact_per_channel_lsq_and_all_zero_inputs():
+    """A signed PACT clip covers max|x| (not max x); LSQ steps follow the spec's granularity; an
+    all-zero calibration gives a step and a clip of 1 (a zero one would fail the next call)."""
+    x = jnp.concatenate([-4.0 * jnp.ones((2, 8, 8, 1)), 0.5 * X[:2]])
+    signed = QuantSpec(bits=8)
+    pact = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), signed, method="pact"), [x])
+    np.testing.assert_allclose(pact.layers[0].alpha.get_value(), 4.0, rtol=1e-6)
+    per_channel = QuantSpec(bits=8, channel_axes=(-1,))
+    lsq = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), per_channel, method="lsq"), [x])
+    step = lsq.layers[0].step.get_value()
+    assert step.shape == (1, 64)
+    want = 2 * jnp.abs(_flatten(x)).mean(axis=0, keepdims=True) / np.sqrt(127)
+    np.testing.assert_allclose(step, want, rtol=1e-5)
+    zeros = jnp.zeros((4, 8, 8, 1))
+    for method, name in (("lsq", "step"), ("pact", "alpha")):
+        model = calibrate_nnx(quantize_inputs_nnx(_nnx_mlp(), signed, method=method), [zeros])
+        assert float(getattr(model.layers[0], name).get_value().max()) == 1.0
+        np.testing.assert_array_equal(model(zeros), _nnx_mlp()(zeros))
+
+
+def test_nnx_serving_names_the_layer_and_rejects_a_spec_for_the_state():
+    """Errors from a served layer name its path in the model; a QuantSpec given where the
+    quantized state belongs is a ValueError saying what to pass."""
+    model = quantize_inputs_nnx(_nnx_mlp(), QuantSpec(bits=8, channel_axes=(-1,)))
+    q = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    with pytest.raises(ValueError, match="layers/0: activation scales must be shared"):
+        serve_nnx(model, q)(X)
+    with pytest.raises(ValueError, match="qstate must be the quantized params"):
+        serve_nnx(_nnx_mlp(), WEIGHTS)
+
+
 def _flatten(x):
     return x.reshape(x.shape[0], -1)
 

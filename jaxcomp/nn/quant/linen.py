@@ -52,14 +52,21 @@ def _input_and_rest(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Any], tup
     raise ValueError("intercepted layer was called without an input")
 
 
-def _quantize_input(x, spec, path, *, params=None, steps=None, alphas=None, ste="clipped", key=None):
+def _error_name(path: str, module: nn.Module) -> str:
+    """The layer's name in error messages: its path, or its class for the root module (path "")."""
+    return path or f"<root {type(module).__name__}>"
+
+
+def _quantize_input(x, spec, path, *, params=None, steps=None, alphas=None, ste="clipped", key=None,
+                    name=None):
+    name = name or path
     if steps is not None:
-        return lsq_fake_quant(x, lookup(steps, path, "steps"), spec, path=path)
+        return lsq_fake_quant(x, lookup(steps, path, "steps"), spec, path=name)
     if alphas is not None:
-        return pact_fake_quant(x, lookup(alphas, path, "alphas"), spec, path=path)
+        return pact_fake_quant(x, lookup(alphas, path, "alphas"), spec, path=name)
     if params is not None:
-        return fake_quant(x, spec, params=lookup(params, path, "params"), ste=ste, path=path)
-    return fake_quant(x, spec, ste=ste, key=key, path=path)
+        return fake_quant(x, spec, params=lookup(params, path, "params"), ste=ste, path=name)
+    return fake_quant(x, spec, ste=ste, key=key, path=name)
 
 
 @contextlib.contextmanager
@@ -118,7 +125,7 @@ def fake_quant_inputs(
         # Each layer rounds with its own noise: the key folded with a hash of its path.
         layer_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) >> 1)
         x = _quantize_input(x, spec, path, params=params, steps=steps, alphas=alphas, ste=ste,
-                            key=layer_key)
+                            key=layer_key, name=_error_name(path, module))
         new_args, new_kwargs = rebuild(x)
         return next_fun(*new_args, **new_kwargs)
 
@@ -319,12 +326,13 @@ def serve_linen(
         x, _ = _input_and_rest(args, kwargs)
         bias = own.get("bias")
         params = None if act_params is None or activations is None else lookup(act_params, path, "act_params")
+        name = _error_name(path, module)
         if isinstance(module, nn.Einsum):
             equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
             return layers.einsum(equation, x, kernel, bias, dtype=module.dtype,
-                                 activations=activations, act_params=params, path=path)
+                                 activations=activations, act_params=params, path=name)
         return _linen_layer(module, x, kernel, bias, activations=activations, act_params=params,
-                            strategy=strategy, path=path)
+                            strategy=strategy, path=name)
 
     def apply(variables, *args, **kwargs):
         variables = dict(variables)

@@ -23,7 +23,7 @@ from jaxcomp.quant import layers
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.learned import lsq_as_static, lsq_fake_quant, pact_as_static, pact_fake_quant
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS
-from jaxcomp.quant.numerics import QuantParams
+from jaxcomp.quant.numerics import QuantParams, layout, to_grouped
 from jaxcomp.quant.observers import MinMaxObserver, Observer
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
@@ -87,10 +87,13 @@ class QuantizedInput(nnx.Module):
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         spec, method = self.config.spec, self.config.method
         if self.observing:
-            # (range state, sum over batches of mean|x|): the latter initialises LSQ steps.
+            # (range state, sum over batches of mean|x| per scale): the latter initialises LSQ
+            # steps, one per scale of the spec (per channel for a per-channel spec).
             value = self.observer_state.get_value()
             state, abs_sum = (self.observer.init(x.shape, spec), 0.0) if value is None else value
-            abs_mean = jnp.mean(jnp.abs(x.astype(jnp.float32)))
+            lay = layout(x.shape, spec)
+            abs_mean = jnp.mean(jnp.abs(to_grouped(x, lay).astype(jnp.float32)),
+                                axis=lay.reduce_axes, keepdims=True)
             self.observer_state.set_value((self.observer.update(state, x, spec), abs_sum + abs_mean))
         elif method == "dynamic":
             x = fake_quant(x, spec, ste=self.config.ste)
@@ -202,8 +205,9 @@ def _wrappers(model: nnx.Module) -> list[QuantizedInput]:
 
 def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module:
     """Observes the inputs of every `QuantizedInput` over `batches` and sets its static range
-    ("static"), LSQ step ("lsq", `2 mean|x| / sqrt(qmax)` over all the batches) or PACT clip
-    ("pact", the observed maximum). Observation runs under `nnx.jit`. Returns `model` (updated in place).
+    ("static"), LSQ steps ("lsq", `2 mean|x| / sqrt(qmax)` over all the batches, one per scale
+    of the spec) or PACT clip ("pact", the observed maximum of `|x|`, or of `x` for an unsigned
+    spec); a step or clip whose inputs were all zero is set to 1. Observation runs under `nnx.jit`. Returns `model` (updated in place).
 
     Raises:
       ValueError: if the model has no `QuantizedInput`, no batch is given, or naming the layer
@@ -248,9 +252,17 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module
                 w.zero_point = QuantStat(params.zero_point.reshape(()) if params.zero_point.size == 1
                                          else params.zero_point)
         elif w.config.method == "lsq":
-            w.step = nnx.Param(2.0 * (abs_sum / state.count) / jnp.sqrt(float(w.config.spec.qmax)))
+            # As `lsq_init`: 1.0 where every observed input was zero (a zero step is invalid).
+            step = 2.0 * (abs_sum / state.count) / jnp.sqrt(float(w.config.spec.qmax))
+            step = jnp.where(step > 0, step, 1.0).astype(jnp.float32)
+            # One step (a per-tensor spec) stays a scalar, as the wrapper creates it.
+            w.step = nnx.Param(step.reshape(()) if step.size == 1 else step)
         elif w.config.method == "pact":
-            w.alpha = nnx.Param(jnp.max(state.hi).astype(jnp.float32))
+            # The clip covers the observed range: [-max|x|, max|x|] signed, [0, max x] unsigned;
+            # 1.0 where every observed input was zero.
+            top = jnp.maximum(-state.lo, state.hi) if w.config.spec.signed else state.hi
+            alpha = jnp.max(top)
+            w.alpha = nnx.Param(jnp.where(alpha > 0, alpha, 1.0).astype(jnp.float32))
     return model
 
 
@@ -273,8 +285,9 @@ class QuantizedLayer(nnx.Module):
     """
 
     def __init__(self, source: nnx.Module, kernel: QArray, *, activations: QuantSpec | None,
-                 act_params: QuantParams | None, strategy: str):
+                 act_params: QuantParams | None, strategy: str, path: str = "x"):
         self.kind = type(source).__name__
+        self.path = path  # the layer's path in the model, for error messages
         self.kernel = nnx.Param(kernel)
         bias = getattr(source, "bias", None)
         self.bias = None if bias is None else nnx.Param(bias.get_value())
@@ -300,7 +313,8 @@ class QuantizedLayer(nnx.Module):
             zero = None if self.act_zero_point is None else self.act_zero_point.get_value()
             params = QuantParams(self.act_scale.get_value(), zero)
         o = self.options
-        common = dict(dtype=o.get("dtype"), activations=self.activations, act_params=params)
+        common = dict(dtype=o.get("dtype"), activations=self.activations, act_params=params,
+                      path=self.path)
         if self.kind == "Linear":
             return layers.dense_general(x, kernel, bias, strategy=self.strategy, **common)
         if self.kind == "LinearGeneral":
@@ -349,6 +363,10 @@ def serve_nnx(
         (2, 3)
     """
     _check_not_a_bare_layer(model, modules, "serve_nnx")
+    if isinstance(qstate, (QuantSpec, nnx.Module)):
+        raise ValueError(
+            f"serve_nnx: qstate must be the quantized params, got a {type(qstate).__name__}; pass "
+            "quantize_tree(nnx.state(model, nnx.Param), spec, where=r'.*kernel')")
     kernels = {p: leaf for p, leaf in path_dict(qstate).items() if isinstance(leaf, QArray)}
     # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
     # as its dense value, so the served model computes what the quantized tree does.
@@ -374,10 +392,10 @@ def serve_nnx(
                 else:
                     params = pact_as_static({"": child.alpha.get_value()}, spec)[""]
             return QuantizedLayer(child.layer, kernel, activations=spec, act_params=params,
-                                  strategy=strategy)
+                                  strategy=strategy, path=path)
         if isinstance(child, modules) and f"{path}/kernel" in kernels:
             return QuantizedLayer(child, kernels[f"{path}/kernel"], activations=activations,
-                                  act_params=None, strategy=strategy)
+                                  act_params=None, strategy=strategy, path=path)
         return None
 
     if _replace_nnx(model, replace) == 0:
