@@ -36,10 +36,17 @@ ACTIVATIONS = "(activations)"
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one call: `total`, and `per_path` keyed by parameter path (plus `"(activations)"`)."""
+    """FLOPs of one call: `total`, and `per_path` keyed by parameter path (plus `"(activations)"`).
+
+    `conv_input_hw` holds, for each kernel path that a convolution uses directly as its weight,
+    the spatial size of that convolution's input (the largest, for a kernel used on several):
+    the FLOPs of a factorized convolution depend on it (see `jaxcomp.decompose.FlopBudget`).
+    """
 
     total: int
     per_path: Mapping[str, int]
+    conv_input_hw: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict,
+                                                                     compare=False)
 
     def __getitem__(self, path: str) -> int:
         return self.per_path.get(path, 0)
@@ -97,6 +104,30 @@ def _conv_flops(eqn: Any) -> int:
     return 2 * math.prod(out.shape) * window * rhs.shape[rhs_spec[1]]
 
 
+class _Counts(dict):
+    """FLOPs per path, and the input spatial size of each convolution kernel path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_input_hw: dict[str, tuple[int, ...]] = {}
+
+    def record_conv(self, eqn: Any, kernel: _Origin) -> None:
+        if kernel.data or len(kernel.paths) != 1:
+            return
+        (path,) = kernel.paths
+        lhs = eqn.invars[0].aval
+        hw = tuple(int(lhs.shape[d]) for d in eqn.params["dimension_numbers"].lhs_spec[2:])
+        old = self.conv_input_hw.get(path)
+        if old is None or math.prod(hw) > math.prod(old):
+            self.conv_input_hw[path] = hw
+
+    def merge_inputs(self, other: _Counts) -> None:
+        for path, hw in other.conv_input_hw.items():
+            old = self.conv_input_hw.get(path)
+            if old is None or math.prod(hw) > math.prod(old):
+                self.conv_input_hw[path] = hw
+
+
 def _charge(counts: dict[str, int], origins: list[_Origin], flops: int) -> None:
     weights = [o for o in origins if o.paths and not o.data]
     paths = sorted(set().union(*(o.paths for o in weights))) if weights else [ACTIVATIONS]
@@ -106,7 +137,7 @@ def _charge(counts: dict[str, int], origins: list[_Origin], flops: int) -> None:
         counts[path] = counts.get(path, 0) + share + (1 if i < rest else 0)
 
 
-def _walk(jaxpr: Any, origins: list[_Origin], counts: dict[str, int], scale: int) -> list[_Origin]:
+def _walk(jaxpr: Any, origins: list[_Origin], counts: _Counts, scale: int) -> list[_Origin]:
     env: dict[Any, _Origin] = dict(zip(jaxpr.invars, origins))
 
     def read(v: Any) -> _Origin:
@@ -119,6 +150,7 @@ def _walk(jaxpr: Any, origins: list[_Origin], counts: dict[str, int], scale: int
             _charge(counts, ins, scale * _dot_flops(eqn))
         elif name == "conv_general_dilated":
             _charge(counts, ins, scale * _conv_flops(eqn))
+            counts.record_conv(eqn, ins[1])
         subs = list(jex.jaxprs_in_params(eqn.params))
         if subs:
             outs = _walk_sub(eqn, subs, ins, counts, scale)
@@ -137,7 +169,7 @@ def _settle(body: Any, consts: list[_Origin], carry: list[_Origin], rest: list[_
     """Origins of a loop's carry: the union of where each starts and what the body (walked
     uncounted, inputs `consts + carry + rest`) makes of it, iterated to a fixed point."""
     for _ in range(len(carry) + 1):
-        outs = _walk(body, consts + carry + rest, {}, scale)
+        outs = _walk(body, consts + carry + rest, _Counts(), scale)
         new = [a | b for a, b in zip(carry, outs[:len(carry)])]
         if new == carry:
             break
@@ -146,7 +178,7 @@ def _settle(body: Any, consts: list[_Origin], carry: list[_Origin], rest: list[_
 
 
 def _walk_sub(
-    eqn: Any, subs: list[Any], ins: list[_Origin], counts: dict[str, int], scale: int
+    eqn: Any, subs: list[Any], ins: list[_Origin], counts: _Counts, scale: int
 ) -> list[_Origin]:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
@@ -165,8 +197,9 @@ def _walk_sub(
         best: dict[str, int] | None = None
         merged_outs = [_NONE] * n_out
         for branch in subs:
-            branch_counts: dict[str, int] = {}
+            branch_counts = _Counts()
             outs = _walk(branch, ins[1:], branch_counts, scale)
+            counts.merge_inputs(branch_counts)
             merged_outs = [a | b for a, b in zip(merged_outs, outs)]
             if best is None or sum(branch_counts.values()) > sum(best.values()):
                 best = branch_counts
@@ -230,9 +263,10 @@ def count_flops(fn: Callable[..., Any], params: Any, *inputs: Any, **kwargs: Any
             f"count_flops: {len(closed.jaxpr.invars)} traced inputs but {len(origins)} leaves in "
             "params and inputs; pass params without None placeholders"
         )
-    counts: dict[str, int] = {}
+    counts = _Counts()
     _walk(closed.jaxpr, origins, counts, 1)
     ordered = {path: counts[path] for path, _ in leaves_with_paths(params) if path in counts}
     if ACTIVATIONS in counts:
         ordered[ACTIVATIONS] = counts[ACTIVATIONS]
-    return FlopCount(total=sum(counts.values()), per_path=ordered)
+    return FlopCount(total=sum(counts.values()), per_path=ordered,
+                     conv_input_hw=dict(counts.conv_input_hw))

@@ -137,3 +137,23 @@ def test_a_scan_carry_that_starts_from_a_parameter_is_state_not_a_weight():
     params = {"U": jnp.ones((4, 4)), "h0": jnp.zeros((4,))}
     count = count_flops(fn, params, jnp.ones((5, 2, 4)))
     assert count.per_path == {"U": 5 * 2 * 2 * 4 * 4}
+
+
+def test_each_convolution_kernel_records_its_input_size():
+    """FlopCount.conv_input_hw: the spatial size of each convolution's input, by kernel path
+    (what a factorized convolution's first 1x1 runs on), the largest for a kernel used twice."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            shared = nn.Conv(4, (3, 3), padding="VALID", name="shared")
+            y = shared(x)
+            y = shared(nn.Conv(4, (1, 1), name="proj")(x[:, :6, :5]))
+            return nn.Conv(2, (5, 5), strides=2, name="last")(y)
+
+    x = jnp.ones((2, 9, 7, 4))
+    params = Net().init(jax.random.key(0), x)["params"]
+    count = count_flops(lambda p, x: Net().apply({"params": p}, x), params, x)
+    assert count.conv_input_hw == {"shared/kernel": (9, 7), "proj/kernel": (6, 5),
+                                   "last/kernel": (4, 3)}

@@ -21,7 +21,7 @@ __all__ = ["allocate_ranks"]
 
 
 class _Layer:
-    def __init__(self, name: str, model: RankModel, budget, strides: Sequence[int]):
+    def __init__(self, name: str, model: RankModel, budget, strides: Sequence[float]):
         self.name, self.model, self.strides = name, model, tuple(strides)
         try:
             self.tails = [tail_energy(s) for s, _ in model.spectra()]
@@ -63,17 +63,31 @@ class _Layer:
         return self.cost(self.ranks) >= self.dense_cost
 
     def best_move(self) -> tuple[float, float, tuple[int, ...]] | None:
-        """(error increase per unit saved, -saving, new ranks) of the best single-mode reduction."""
+        """(error increase per unit saved, -saving, new ranks) of the best single-mode reduction.
+
+        A dense layer where no single mode saves anything (a tensor train whose bonds pay off
+        only together) scales all its ranks down at once instead, as far as needed to save."""
         here_cost, here_err = self.cost(self.ranks), self.error(self.ranks)
         best = None
+
+        def consider(ranks: tuple[int, ...]) -> bool:
+            nonlocal best
+            saving = here_cost - self.cost(ranks)
+            if saving <= 0:
+                return False
+            move = ((self.error(ranks) - here_err) / saving, -saving, ranks)
+            if best is None or move[:2] < best[:2]:
+                best = move
+            return True
+
         for mode, rank in enumerate(self.ranks):
             for new_rank in range(rank - 1, 0, -1):
-                ranks = self.ranks[:mode] + (new_rank,) + self.ranks[mode + 1 :]
-                saving = here_cost - self.cost(ranks)
-                if saving > 0:
-                    move = ((self.error(ranks) - here_err) / saving, -saving, ranks)
-                    if best is None or move[:2] < best[:2]:
-                        best = move
+                if consider(self.ranks[:mode] + (new_rank,) + self.ranks[mode + 1 :]):
+                    break
+        if best is None and self.dense:
+            top = max(self.ranks)
+            for k in range(top - 1, 0, -1):
+                if consider(tuple(max(1, -(-r * k // top)) for r in self.ranks)):
                     break
         return best
 
@@ -129,8 +143,9 @@ def allocate_ranks(
         layer.ranks, layer.version = ranks, layer.version + 1
         push(layer)
     if total > budget.total:
+        floor = sum(layer.cost((1,) * len(layer.ranks)) for layer in layers.values())
         raise ValueError(
             f"{type(budget).__name__}(total={budget.total}) is out of reach: the selected kernels "
-            f"({', '.join(layers)}) need at least {int(total)} at rank 1"
+            f"({', '.join(layers)}) need at least {int(floor)} at rank 1"
         )
     return {name: None if layer.dense else layer.ranks for name, layer in layers.items()}

@@ -185,12 +185,17 @@ class FlopBudget:
       dense_flops: FLOPs of each selected kernel in the dense model, by path: the `FlopCount`
         that `jaxcomp.count_flops(fn, params, x)` returns, or a mapping such as its `per_path`
         (stored as a dict). They fix each layer's number of positions (batch x output pixels).
-        Tucker-2's first 1x1 convolution runs before the stride, at `strides[0] * strides[1]`
-        times as many positions.
+      input_hw: the spatial size `(H, W)` of each convolution's input, by kernel path. The first
+        1x1 convolution of Tucker-2 and CP runs on every input position, which outnumber the
+        output positions by the strides under SAME padding, and by more under VALID or small
+        explicit padding. Taken from a `FlopCount` given as `dense_flops` (which records it);
+        `decompose_linen` fills in what it traces. A convolution without it whose padding can
+        shrink its output (VALID, small explicit pads) is a `ValueError` at allocation.
 
     Raises:
-      ValueError: for a `total` that is not a positive int, or `dense_flops` that is neither a
-        `FlopCount` nor a mapping of positive numbers.
+      ValueError: for a `total` that is not a positive int, `dense_flops` that is neither a
+        `FlopCount` nor a mapping of positive numbers, or `input_hw` that is not a mapping of
+        positive int pairs.
 
     Example:
         >>> FlopBudget(total=10**6, dense_flops={"Dense_0/kernel": 4 * 10**6}).total
@@ -199,13 +204,31 @@ class FlopBudget:
 
     total: int
     dense_flops: Mapping[str, int] | FlopCount = dataclasses.field(default_factory=dict, hash=False)
+    input_hw: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.total, (int, np.integer)) or self.total < 1:
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
         dense = self.dense_flops
+        input_hw = {}
         if isinstance(dense, FlopCount):
+            input_hw = dict(dense.conv_input_hw)
             dense = dense.per_path
+        if not isinstance(self.input_hw, Mapping):
+            raise ValueError(f"FlopBudget.input_hw must map kernel paths to (H, W), got "
+                             f"{type(self.input_hw).__name__} {self.input_hw!r}")
+        for path, hw in self.input_hw.items():
+            try:
+                hw = tuple(hw)
+            except TypeError:
+                hw = None
+            if (hw is None or len(hw) != 2 or not all(isinstance(d, (int, np.integer))
+                                                      and not isinstance(d, bool) and d > 0
+                                                      for d in hw)):
+                raise ValueError(f"FlopBudget.input_hw[{path!r}] must be a pair of positive "
+                                 f"ints, got {self.input_hw[path]!r}")
+            input_hw[path] = tuple(int(d) for d in hw)
+        object.__setattr__(self, "input_hw", input_hw)
         if not isinstance(dense, Mapping):
             raise ValueError(
                 "FlopBudget.dense_flops must be a jaxcomp.FlopCount or a mapping from kernel path "

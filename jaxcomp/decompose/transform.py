@@ -92,6 +92,36 @@ def _leaf(method: str, model, ranks, kernel, spec: ConvSpec, n_iter_max: int | N
     return CPKernel(**_place_factors(factors, kernel), spec=spec)
 
 
+def _positions_ratio(rule: Any, path: str, kernel: Any, spec: ConvSpec) -> tuple[float, ...]:
+    """Input positions per output position along each spatial axis of a convolution: what the
+    first 1x1 factor of Tucker-2 or CP pays for (it runs on every input position)."""
+    if getattr(kernel, "ndim", 0) != 4 or not isinstance(rule, FlopBudget):
+        return spec.strides
+    kernel_hw = tuple(kernel.shape[:2])
+    input_hw = rule.input_hw.get(path)
+    if input_hw is not None:
+        out_hw = spec.output_hw(input_hw, kernel_hw)
+        if min(out_hw) < 1:
+            raise ValueError(f"{path}: FlopBudget.input_hw {input_hw} gives no output position "
+                             f"for a {kernel_hw} kernel with {spec.describe()}")
+        return tuple(n / o for n, o in zip(input_hw, out_hw))
+    # Padding that keeps the output at ceil(input / stride) bounds the ratio by the stride.
+    dilated = spec.dilated_kernel(kernel_hw)
+    if isinstance(spec.padding, str) and spec.padding != "VALID":
+        same = True  # SAME, CIRCULAR, REFLECT: ceil(input / stride) outputs
+    else:
+        pads = ((0, 0),) * 2 if spec.padding == "VALID" else spec.padding
+        same = all(lo + hi >= k - 1 for (lo, hi), k in zip(pads, dilated))
+    if same:
+        return spec.strides
+    raise ValueError(
+        f"{path}: a convolution with {spec.describe()} has fewer output positions than input "
+        "positions / strides, so the FLOPs of its factors depend on its input size, which the "
+        "FlopBudget does not hold: pass dense_flops=jaxcomp.count_flops(...) itself (the "
+        "FlopCount records it), or input_hw={path: (H, W)}"
+    )
+
+
 def decompose_tree(
     params: Any,
     ranks: RankRule,
@@ -179,7 +209,8 @@ def decompose_tree(
     models = {path: _model(kind, hosts[path], path, tt_order) for path, (kind, _) in targets.items()}
     specs = {path: _spec_for(conv_specs, path) for path in targets}
     if isinstance(rule, (ParamBudget, FlopBudget)):
-        strides = {path: specs[path].strides for path in targets}
+        strides = {path: _positions_ratio(rule, path, targets[path][1], specs[path])
+                   for path in targets}
         allocated = allocate_ranks(models, rule, strides)
         chosen_ranks = {p: clip_ranks(models[p], r, p) for p, r in allocated.items() if r is not None}
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ from flax import nnx
 from jaxcomp.core import is_compressed
 from jaxcomp.decompose.apply import factorized_apply
 from jaxcomp.decompose.leaves import CPKernel, ConvSpec, Factorized, SVDKernel, TTKernel, Tucker2Kernel
-from jaxcomp.decompose.ranks import RankRule
+from jaxcomp.decompose.ranks import FlopBudget, RankRule
 from jaxcomp.decompose.transform import DEFAULT_WHERE, decompose_tree
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
@@ -328,12 +329,14 @@ def intercept_factorized() -> Iterator[None]:
 
 
 def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
-                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str]]:
+                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str], dict[str, tuple]]:
     """Traces the model once: the nn.Conv specs, the kernel paths of the layers the interceptor
-    runs, and the module type of every other layer with a `kernel` param, by kernel path."""
+    runs, the module type of every other layer with a `kernel` param, by kernel path, and the
+    spatial size of each nn.Conv's input (the largest, for a layer called on several)."""
     specs: dict[str, ConvSpec] = {}
     runnable: set[str] = set()
     others: dict[str, str] = {}
+    input_hw: dict[str, tuple[int, int]] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
         module, scope = context.module, context.module.scope
@@ -344,6 +347,10 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
                 runnable.add(path)
                 if isinstance(module, nn.Conv) and getattr(kernel, "ndim", 0) == 4:
                     specs[path] = _conv_spec(module, path)
+                    x = call_args[0] if call_args else call_kwargs.get("inputs")
+                    hw = tuple(int(d) for d in getattr(x, "shape", ())[-3:-1])
+                    if len(hw) == 2 and math.prod(hw) > math.prod(input_hw.get(path, (0,))):
+                        input_hw[path] = hw
             elif kernel is not None:
                 others[path] = type(module).__name__
         return next_fun(*call_args, **call_kwargs)
@@ -353,7 +360,7 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
             return model.apply(variables, *a, **kwargs)
 
     jax.eval_shape(run, variables, *args)
-    return specs, runnable, others
+    return specs, runnable, others, input_hw
 
 
 def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, ConvSpec]:
@@ -420,7 +427,12 @@ def decompose_linen(
         >>> out["params"]["Conv_1"]["kernel"].kind
         'Tucker2'
     """
-    specs, runnable, others = _linen_kernels(model, variables, args, kwargs)
+    specs, runnable, others, input_hw = _linen_kernels(model, variables, args, kwargs)
+    if isinstance(ranks, FlopBudget):
+        # The traced input sizes fix what the factors of each convolution cost; sizes the
+        # budget already has (from a FlopCount, or given) take precedence.
+        ranks = dataclasses.replace(ranks, dense_flops=dict(ranks.dense_flops),
+                                    input_hw={**input_hw, **ranks.input_hw})
     if isinstance(where, str) and where == DEFAULT_WHERE:
         if not runnable:
             raise ValueError(

@@ -289,3 +289,47 @@ def test_linen_layers_the_interceptor_cannot_run_are_left_dense_or_named():
     with pytest.raises(ValueError, match="ConvTranspose_0/kernel: intercept_factorized .* not of "
                                          "ConvTranspose"):
         linen_apply(model, {"params": tree}, X)
+
+
+class _Valid(nn.Module):
+    """VALID 5x5 convolutions on a small map: the input outnumbers the output positions."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (5, 5), padding="VALID")(x))
+        x = nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_a_flop_budget_holds_for_valid_convolutions():
+    """Tucker-2's first 1x1 runs on every input position: under VALID padding that is more than
+    strides x output positions, and the budget must count it (it used to overshoot by 10-20%).
+    decompose_linen reads the input sizes from its trace; decompose_tree needs them given."""
+    from jaxcomp.decompose import FlopBudget, decompose_tree
+
+    x = jnp.ones((2, 12, 12, 3))
+    variables = numpy_init(_Valid(), x)
+    dense = jaxcomp.count_flops(lambda p, x: _Valid().apply({"params": p}, x), variables["params"], x)
+    kernel = "Conv_1/kernel"
+
+    def factorized_flops(params):
+        def run(p, x):
+            with intercept_factorized():
+                return _Valid().apply({"params": p}, x)
+
+        return jaxcomp.count_flops(run, params, x)[kernel]
+
+    for fraction in (0.9, 0.5):
+        total = int(fraction * dense[kernel])
+        for flops in ({kernel: dense[kernel]}, dense):  # a mapping (traced sizes) or the FlopCount
+            out = decompose_linen(_Valid(), variables, x, where=kernel,
+                                  ranks=FlopBudget(total, dense_flops=flops))
+            assert isinstance(out["params"]["Conv_1"]["kernel"], Tucker2Kernel)
+            assert factorized_flops(out["params"]) <= total
+    params = {"c": {"kernel": variables["params"]["Conv_1"]["kernel"]}}
+    spec = {"c/kernel": ConvSpec(padding="VALID")}
+    with pytest.raises(ValueError, match="c/kernel: .*VALID.*input size"):
+        decompose_tree(params, FlopBudget(10**5, {"c/kernel": dense[kernel]}), conv_specs=spec)
+    tree = decompose_tree(params, FlopBudget(dense[kernel] // 2, {"c/kernel": dense[kernel]},
+                                             input_hw={"c/kernel": (8, 8)}), conv_specs=spec)
+    assert tree["c"]["kernel"].flops((2, 8, 8, 32)) <= dense[kernel] // 2

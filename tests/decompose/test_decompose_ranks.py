@@ -204,6 +204,30 @@ def test_flop_budget_takes_a_flop_count_or_a_mapping_and_names_anything_else():
             FlopBudget(10, dense_flops=bad)
 
 
+def test_a_flop_budget_over_a_tensor_train_whose_bonds_pay_off_only_together():
+    """Lowering one TT bond alone saves nothing on a small Dense kernel; the allocator scales
+    all bonds down together rather than calling a reachable budget out of reach."""
+    from jaxcomp.decompose.structure import TTModel
+
+    kernel = np.random.default_rng(1).normal(size=(64, 48))
+    model = TTModel(kernel, (4, 4, 4), (4, 4, 3))
+    dense = {"d": 2 * 3 * 64 * 48}
+    for total in (dense["d"] * 6 // 10, dense["d"] * 3 // 10):
+        ranks = allocate_ranks({"d": model}, FlopBudget(total=total, dense_flops=dense))["d"]
+        assert ranks is not None
+        assert 3 * model.flops_per_position(ranks, (1, 1)) <= total
+    with pytest.raises(ValueError, match=f"need at least {3 * model.flops_per_position((1, 1), (1, 1))} "):
+        allocate_ranks({"d": model}, FlopBudget(total=10, dense_flops=dense))
+
+
+def test_flop_budget_input_sizes_are_validated():
+    """input_hw maps kernel paths to (H, W) pairs of positive ints; a FlopCount supplies it."""
+    assert FlopBudget(10, {"c": 5}, input_hw={"c": [8, np.int64(6)]}).input_hw == {"c": (8, 6)}
+    for bad in ({"c": (8,)}, {"c": (0, 4)}, {"c": 8}, {"c": (8.0, 4)}, [("c", (8, 8))]):
+        with pytest.raises(ValueError, match="FlopBudget.input_hw"):
+            FlopBudget(10, {"c": 5}, input_hw=bad)
+
+
 def test_unreachable_budgets_and_missing_flops_raise():
     """A budget below rank 1 everywhere, CP in a budget, or a path missing from dense_flops raise."""
     models = {"d": SVDModel(DENSE)}
