@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -33,7 +34,7 @@ from jaxcomp.quant.numerics import (
     rounding_noise,
 )
 from jaxcomp.quant.spec import QuantSpec
-from jaxcomp.tree import Where, map_selected
+from jaxcomp.tree import Where, map_selected, selected_paths
 
 __all__ = ["QArray", "dequantize", "pack_bits", "quantize", "quantize_tree", "unpack_bits"]
 
@@ -251,7 +252,12 @@ def dequantize(q: QArray) -> jax.Array:
 
 
 def quantize_tree(
-    params: Any, spec: QuantSpec, *, where: Where = None, key: jax.Array | None = None
+    params: Any,
+    spec: QuantSpec,
+    *,
+    where: Where = None,
+    key: jax.Array | None = None,
+    scales: Mapping[str, QuantParams] | None = None,
 ) -> Any:
     """Post-training quantization of a model: `quantize` on every leaf `where` selects.
 
@@ -266,13 +272,17 @@ def quantize_tree(
       spec: the quantization spec.
       where: the selection (regex on "/"-joined paths, predicate, bool tree, None for all).
       key: PRNG key for stochastic rounding (each leaf gets `fold_in(key, index)`).
+      scales: static `{path: QuantParams}` for some selected leaves, e.g. the learned weight
+        steps `lsq_as_static(w_steps)` of LSQ training, so the stored codes are the grid that
+        was trained; the other selected leaves take their range from their values.
 
     Returns:
       A tree with the structure of `params` and `QArray` leaves where selected.
 
     Raises:
-      ValueError: if `where` selects nothing, or naming the path of a selected leaf that is not
-        float, holds NaN/Inf, or does not fit the spec's axes and groups.
+      ValueError: if `where` selects nothing, if `scales` names a path that `where` does not
+        select, or naming the path of a selected leaf that is not float, holds NaN/Inf, does not
+        fit the spec's axes and groups, or whose static scales do not fit it.
 
     Example:
         >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -281,12 +291,19 @@ def quantize_tree(
         ('QArray', 10)
     """
     counter = iter(range(1 << 30))
+    scales = dict(scales or {})
+    if scales:
+        chosen = set(selected_paths(params, where))
+        unknown = sorted(p for p in scales if p not in chosen)
+        if unknown:
+            raise ValueError(f"quantize_tree: scales has paths that where={where!r} does not "
+                             f"select: {unknown[:5]}; selected: {sorted(chosen)[:10]}")
 
     def one(path, leaf):
         index = next(counter)
         if is_compressed(leaf):
             leaf = leaf.materialize()
         leaf_key = None if key is None else jax.random.fold_in(key, index)
-        return quantize(leaf, spec, key=leaf_key, path=path)
+        return quantize(leaf, spec, params=scales.get(path), key=leaf_key, path=path)
 
     return map_selected(one, params, where=where, with_path=True)

@@ -18,6 +18,7 @@ import abc
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Literal
 
 import jax
@@ -97,10 +98,14 @@ class NM(Granularity):
     """N:M sparsity: in every M consecutive weights along `axis`, keep the N with the top scores.
 
     2:4 along the contracting axis is what sparse tensor cores run; the default `axis=-2` is the
-    input axis of a Dense kernel `(in, out)` and the input-channel axis of an HWIO conv kernel.
+    input axis of a Dense kernel `(in, out)`, of a conv kernel `(..., in, out)` and of kernels
+    stacked by `nn.scan` `(layer, in, out)`. A `DenseGeneral` attention projection
+    `(in, heads, head_dim)` contracts axis 0: give it its own rule,
+    `Rule(r".*(query|key|value)/kernel", granularity=NM(2, 4, axis=0))`.
     When the axis length is not a multiple of M, the last, shorter group of r weights keeps
-    min(N, r). The sparsity is fixed at 1 - N/M: a schedule only says when the mask is applied
-    (when its value becomes positive).
+    min(N, r); an axis shorter than M (a warning names the leaf) is pruned less than 1 - N/M,
+    and not at all when it holds N weights or fewer. The sparsity is fixed at 1 - N/M: a
+    schedule only says when the mask is applied (when its value becomes positive).
 
     Attributes:
       n: weights kept per group (1 <= n <= m).
@@ -129,7 +134,15 @@ class NM(Granularity):
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         if not shape:
             raise ValueError(f"{path}: N:M sparsity needs an array, got a scalar leaf")
-        _normalize_axis(path, self.axis, len(shape), "NM")
+        axis = _normalize_axis(path, self.axis, len(shape), "NM")
+        if shape[axis] < self.m:
+            kept = "nothing is pruned" if shape[axis] <= self.n else (
+                f"{self.n} of its {shape[axis]} are kept")
+            warnings.warn(
+                f"{path}: NM({self.n}, {self.m}) groups run along axis {self.axis} of length "
+                f"{shape[axis]} (shape {shape}), shorter than m={self.m}: {kept}. If this is not "
+                "the contracted axis (a DenseGeneral kernel (in, heads, head_dim) contracts axis "
+                "0), give the leaf a Rule with NM(..., axis=...)", stacklevel=2)
 
     @property
     def sparsity(self) -> float:

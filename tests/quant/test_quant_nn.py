@@ -188,6 +188,31 @@ def test_linen_serving_from_learned_steps_and_clips_reproduces_training():
     chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_linen_serving_of_a_whole_lsq_model_reproduces_its_training_forward():
+    """quantize_tree(scales=lsq_as_static(w_steps)) stores the trained weight grid, so serving
+    gives the LSQ forward pass of weights and inputs; absmax scales would not."""
+    from jaxcomp.quant import lsq_fake_quant_tree, lsq_init_tree
+
+    params = MLP_VARS["params"]
+    w4 = QuantSpec(bits=4, channel_axes=(-1,))
+    w_steps = {p: 0.7 * s for p, s in lsq_init_tree(params, w4, where=r".*kernel").items()}
+    a_steps = init_input_steps_linen(MLP, MLP_VARS, X, ACT)
+    with fake_quant_inputs(ACT, steps=a_steps):
+        trained = MLP.apply({"params": lsq_fake_quant_tree(params, w_steps, w4)}, X)
+    qparams = quantize_tree(params, w4, where=r".*kernel", scales=lsq_as_static(w_steps))
+    served = serve_linen(MLP, act_params=lsq_as_static(a_steps), strategy="int8")({"params": qparams}, X)
+    chex.assert_trees_all_close(served, trained, atol=1e-4, rtol=1e-4)
+    absmax = quantize_tree(params, w4, where=r".*kernel")
+    assert not np.allclose(materialize_kernels(absmax), materialize_kernels(qparams))
+    with pytest.raises(ValueError, match="scales has paths that where"):
+        quantize_tree(params, w4, where=r"Dense_0/kernel", scales=lsq_as_static(w_steps))
+
+
+def materialize_kernels(tree):
+    return np.concatenate([np.ravel(x) for p, x in jaxcomp.leaves_with_paths(jaxcomp.materialize(tree))
+                           if p.endswith("kernel")])
+
+
 def test_linen_serving_rejects_a_qarray_kernel_without_an_integer_path():
     """A quantized ConvTranspose kernel raises ValueError naming its path."""
     model = nn.ConvTranspose(2, (3, 3))

@@ -294,3 +294,15 @@ def test_a_rule_sparsity_under_an_inherited_nm_granularity_is_checked():
                   rules=[sp.Rule(where="d0/kernel", sparsity=0.9)])
     sp.Pruner(sparsity=0.5, granularity=sp.NM(2, 4), rules=[sp.Rule(where="d0", sparsity=0.5)])
     sp.Pruner(sparsity=0.9, rules=[sp.Rule(where="d0", granularity=sp.NM(2, 4))])
+
+
+def test_an_nm_axis_shorter_than_m_warns_naming_the_leaf():
+    """NM along an axis shorter than M (the heads axis of a DenseGeneral kernel) prunes little or
+    nothing: a warning names the leaf and the axis; an explicit axis prunes 2:4 as asked."""
+    params = {"attn": {"query": {"kernel": jnp.arange(1.0, 65.0).reshape(8, 2, 4)}}}
+    with pytest.warns(UserWarning, match="attn/query/kernel: NM\\(2, 4\\) .* length 2 .*nothing is pruned"):
+        pruned, _ = sp.prune_now(params, sp.Pruner(sparsity=0.5, granularity=sp.NM(2, 4)))
+    assert float(sp.sparsity_of(pruned).total) == 0.0
+    pruned, _ = sp.prune_now(params, sp.Pruner(sparsity=0.5, granularity=sp.NM(2, 4, axis=0)))
+    kept = np.asarray(pruned["attn"]["query"]["kernel"] != 0).reshape(2, 4, 2, 4).sum(axis=1)
+    assert (kept == 2).all()
