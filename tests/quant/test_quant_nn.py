@@ -318,6 +318,24 @@ def test_nnx_serving_names_the_layer_and_rejects_a_spec_for_the_state():
         serve_nnx(_nnx_mlp(), WEIGHTS)
 
 
+def test_nnx_calibration_runs_in_eval_mode_and_restores_the_mode():
+    """Calibrating a model in train mode leaves its BatchNorm statistics untouched, observes the
+    inputs without dropout, and gives the model back in the mode it was in."""
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(nnx.Linear(4, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs),
+                           nnx.Dropout(0.5, rngs=rngs), nnx.Linear(6, 3, rngs=rngs))
+    quantize_inputs_nnx(model, ACT, method="static")
+    x = jax.random.normal(jax.random.key(3), (16, 4)) + 2.0
+    mean = np.asarray(model.layers[1].mean.get_value()).copy()
+    calibrate_nnx(model, [x])
+    np.testing.assert_array_equal(model.layers[1].mean.get_value(), mean)
+    assert model.layers[1].use_running_average is False and model.layers[2].deterministic is False
+    model.eval()
+    eval_input = model.layers[2](model.layers[1](model.layers[0].layer(x)))  # observed unquantized
+    np.testing.assert_allclose(model.layers[3].scale.get_value(),
+                               float(jnp.abs(eval_input).max()) / 127, rtol=1e-6)
+
+
 def _flatten(x):
     return x.reshape(x.shape[0], -1)
 

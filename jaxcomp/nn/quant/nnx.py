@@ -203,11 +203,17 @@ def _wrappers(model: nnx.Module) -> list[QuantizedInput]:
     return [node for _, node in nnx.iter_graph(model) if isinstance(node, QuantizedInput)]
 
 
+_MODE_ATTRIBUTES = ("deterministic", "use_running_average")
+
+
 def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module:
     """Observes the inputs of every `QuantizedInput` over `batches` and sets its static range
     ("static"), LSQ steps ("lsq", `2 mean|x| / sqrt(qmax)` over all the batches, one per scale
     of the spec) or PACT clip ("pact", the observed maximum of `|x|`, or of `x` for an unsigned
-    spec); a step or clip whose inputs were all zero is set to 1. Observation runs under `nnx.jit`. Returns `model` (updated in place).
+    spec); a step or clip whose inputs were all zero is set to 1. Observation runs under
+    `nnx.jit`, in eval mode (`model.eval()`: Dropout off, BatchNorm on its running statistics,
+    which stay as they were); every module's mode is restored afterwards. Returns `model`
+    (updated in place).
 
     Raises:
       ValueError: if the model has no `QuantizedInput`, no batch is given, or naming the layer
@@ -225,6 +231,12 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module
         raise ValueError("calibrate_nnx: the model has no QuantizedInput layer (quantize_inputs_nnx)")
     for w in wrappers:
         w.observing, w.observer_state = True, QuantStat(None)
+    # Calibration observes the model as it will be served: in eval mode (Dropout off, BatchNorm
+    # on its running statistics, which a train-mode call would overwrite); the mode each module
+    # was in comes back afterwards.
+    modes = [(module, name, getattr(module, name)) for _, module in nnx.iter_modules(model)
+             for name in _MODE_ATTRIBUTES if hasattr(module, name)]
+    model.eval()
 
     @nnx.jit
     def observe(model, batch):
@@ -238,6 +250,8 @@ def calibrate_nnx(model: nnx.Module, batches: Iterable[jax.Array]) -> nnx.Module
     finally:
         for w in wrappers:
             w.observing = False
+        for module, name, value in modes:
+            setattr(module, name, value)
     if not seen:
         raise ValueError("calibrate_nnx got no batches")
     paths = {id(node): "/".join(map(str, p)) for p, node in nnx.iter_graph(model)}
