@@ -199,8 +199,9 @@ def decompose_tree(
         note = f"; already compressed: {compressed}" if compressed else ""
         odd = [p for p, shape in others.items() if isinstance(shape, tuple) and len(shape) in (3, 5)]
         if odd:
-            note += (f"; {odd[:4]} are 3-D or 5-D: kernels stacked by nn.scan/nn.vmap (layer, in, "
-                     "out) and 1-D or 3-D convolutions are not supported")
+            note += (f"; {odd[:4]} are 3-D or 5-D, which are not decomposed: DenseGeneral "
+                     "kernels such as attention projections (in, heads, head_dim), kernels stacked "
+                     "by nn.scan/nn.vmap (layer, in, out), 1-D and 3-D convolutions")
         raise ValueError(
             f"where={where!r} with method={method!r} selects no kernel to decompose (2-D Dense or "
             f"4-D Conv kernels); selected: {others}{note}"

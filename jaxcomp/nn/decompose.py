@@ -237,6 +237,8 @@ def decompose_nnx(
         ('FactorizedConv', (1, 10))
     """
     model = nnx.clone(model)
+    default = isinstance(where, str) and where == DEFAULT_WHERE
+    skipped: list[ValueError] = []
     chosen = set(selected_paths(nnx.state(model, nnx.Param), where))
     kernels: dict[str, jax.Array] = {}
     specs: dict[str, ConvSpec] = {}
@@ -246,9 +248,17 @@ def decompose_nnx(
         if kernel_path not in chosen or not isinstance(module, (nnx.Linear, nnx.Conv)):
             continue
         if isinstance(module, nnx.Conv):
-            specs[kernel_path] = _conv_spec(module, kernel_path)
+            try:
+                specs[kernel_path] = _conv_spec(module, kernel_path)
+            except ValueError as error:
+                if default:  # the default selection leaves what the factors cannot run dense
+                    skipped.append(error)
+                    continue
+                raise
         kernels[kernel_path] = module.kernel.get_value()
         layers[tuple(parts)] = module
+    if not kernels and skipped:
+        raise skipped[0]
     if not kernels:
         raise ValueError(
             f"where={where!r} selects no kernel of an nnx.Linear or nnx.Conv layer; selected: "
@@ -337,6 +347,7 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
     runnable: set[str] = set()
     others: dict[str, str] = {}
     input_hw: dict[str, tuple[int, int]] = {}
+    unsupported: dict[str, ValueError] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
         module, scope = context.module, context.module.scope
@@ -344,9 +355,14 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
             path = _join(*scope.path, "kernel")
             kernel = scope.get_variable("params", "kernel")
             if isinstance(module, _RUNNABLE):
-                runnable.add(path)
                 if isinstance(module, nn.Conv) and getattr(kernel, "ndim", 0) == 4:
-                    specs[path] = _conv_spec(module, path)
+                    try:
+                        specs[path] = _conv_spec(module, path)
+                    except ValueError as error:  # raised if selected (see decompose_linen)
+                        unsupported[path] = error
+                        return next_fun(*call_args, **call_kwargs)
+                runnable.add(path)
+                if path in specs:
                     x = call_args[0] if call_args else call_kwargs.get("inputs")
                     hw = tuple(int(d) for d in getattr(x, "shape", ())[-3:-1])
                     if len(hw) == 2 and math.prod(hw) > math.prod(input_hw.get(path, (0,))):
@@ -360,7 +376,10 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
             return model.apply(variables, *a, **kwargs)
 
     jax.eval_shape(run, variables, *args)
-    return specs, runnable, others, input_hw
+    for path in unsupported:
+        runnable.discard(path)
+        specs.pop(path, None)
+    return specs, runnable, others, input_hw, unsupported
 
 
 def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, ConvSpec]:
@@ -372,7 +391,10 @@ def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
         >>> conv_specs_linen(LeNet5(), variables, jnp.ones((1, 8, 8, 1)))["Conv_0/kernel"].padding
         'SAME'
     """
-    return _linen_kernels(model, variables, args, kwargs)[0]
+    specs, *_, unsupported = _linen_kernels(model, variables, args, kwargs)
+    if unsupported:
+        raise next(iter(unsupported.values()))
+    return specs
 
 
 def decompose_linen(
@@ -427,13 +449,15 @@ def decompose_linen(
         >>> out["params"]["Conv_1"]["kernel"].kind
         'Tucker2'
     """
-    specs, runnable, others, input_hw = _linen_kernels(model, variables, args, kwargs)
+    specs, runnable, others, input_hw, unsupported = _linen_kernels(model, variables, args, kwargs)
     if isinstance(ranks, FlopBudget):
         # The traced input sizes fix what the factors of each convolution cost; sizes the
         # budget already has (from a FlopCount, or given) take precedence.
         ranks = dataclasses.replace(ranks, dense_flops=dict(ranks.dense_flops),
                                     input_hw={**input_hw, **ranks.input_hw})
     if isinstance(where, str) and where == DEFAULT_WHERE:
+        if not runnable and unsupported:
+            raise next(iter(unsupported.values()))
         if not runnable:
             raise ValueError(
                 "decompose_linen: the model has no nn.Dense or nn.Conv layer to factorize; "
@@ -442,6 +466,9 @@ def decompose_linen(
         where = lambda path, _: path in runnable  # noqa: E731
     else:
         chosen = set(selected_paths(variables["params"], where))
+        for path, error in unsupported.items():
+            if path in chosen:
+                raise error
         for path, leaf in leaves_with_paths(variables["params"]):
             if path in others and path in chosen and getattr(leaf, "ndim", 0) in (2, 4):
                 raise ValueError(

@@ -333,3 +333,39 @@ def test_a_flop_budget_holds_for_valid_convolutions():
     tree = decompose_tree(params, FlopBudget(dense[kernel] // 2, {"c/kernel": dense[kernel]},
                                              input_hw={"c/kernel": (8, 8)}), conv_specs=spec)
     assert tree["c"]["kernel"].flops((2, 8, 8, 32)) <= dense[kernel] // 2
+
+
+class _Depthwise(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.Conv(8, (3, 3), feature_group_count=8)(x)  # depthwise: the factors cannot run it
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+class _NnxDepthwise(nnx.Module):
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.depthwise = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+        self.head = nnx.Linear(8 * 8 * 8, 4, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.depthwise(self.conv(x))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def test_the_default_selection_leaves_grouped_convolutions_dense():
+    """A depthwise conv, which the factor sequence cannot run, is left dense by the default
+    `where` (as other unsupported layers are); selecting it explicitly names it in a ValueError."""
+    variables = numpy_init(_Depthwise(), X)
+    out = decompose_linen(_Depthwise(), variables, X, ranks=2)["params"]
+    assert isinstance(out["Conv_0"]["kernel"], Tucker2Kernel)
+    assert not jaxcomp.is_compressed(out["Conv_1"]["kernel"])
+    with pytest.raises(ValueError, match="Conv_1/kernel: grouped convolution"):
+        decompose_linen(_Depthwise(), variables, X, ranks=2, where=r"Conv_\d/kernel")
+    model = decompose_nnx(_NnxDepthwise(), 2)
+    assert isinstance(model.conv, FactorizedConv) and isinstance(model.depthwise, nnx.Conv)
+    assert model(X).shape == (2, 4)
+    with pytest.raises(ValueError, match="depthwise/kernel: grouped convolution"):
+        decompose_nnx(_NnxDepthwise(), 2, where=r"depthwise/kernel")
