@@ -67,8 +67,8 @@ def run_demo(
 
     Raises:
       ValueError: for a sparsity outside [0, 1), bits outside 2..8, a non-positive or non-finite
-        learning rate, epochs < 1, prune_epochs < 0, a negative seed, or a batch size outside
-        1..1,438 (the training images).
+        learning rate, epochs < 1, prune_epochs < 0, a seed outside [0, 2**32), or a batch size
+        outside 1..1,438 (the training images).
 
     Example:
         >>> figures = run_demo(epochs=1, prune_epochs=1, log=None)  # doctest: +SKIP
@@ -93,8 +93,8 @@ def run_demo(
     if epochs < 1 or prune_epochs < 0:
         raise _UsageError(f"demo epochs must be >= 1 and prune epochs >= 0, got {epochs!r} and "
                          f"{prune_epochs!r}")
-    if seed < 0:
-        raise _UsageError(f"demo seed must be >= 0, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise _UsageError(f"demo seed must be in [0, 2**32), got {seed!r}")
     data = load_digits(seed=seed)
     if not 1 <= batch_size <= len(data.x_train):
         raise _UsageError(f"demo batch size must be in 1..{len(data.x_train)} (the training "

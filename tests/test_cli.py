@@ -46,7 +46,8 @@ def test_run_demo_rejects_bad_settings():
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
         (["--batch-size", "100000"], "batch size must be in 1..1438"),
-        (["--seed", "-1"], "seed must be >= 0"),
+        (["--seed", "-1"], "seed must be in [0, 2**32)"),
+        (["--seed", str(2**64)], "seed must be in [0, 2**32)"),
         (["--learning-rate", "nan"], "learning rate must be a finite number > 0"),
     ],
 )

@@ -277,8 +277,10 @@ class _Solver:
             if key not in covered and key not in named:
                 problems.append(
                     f"{_describe(key, self.records)} must become {needs[key]} but no constructor "
-                    f"field of {type(self.model).__name__} sets it (is the width hard-coded? make it a "
-                    "constructor field, or protect the layer with where=)"
+                    f"field of {type(self.model).__name__} sets it (is the width hard-coded, or "
+                    "computed from a field, such as `2 * channels` for a depthwise multiplier? A "
+                    "width must be a constructor field itself: make it one, or protect the layer "
+                    "with where=)"
                 )
         return assign, problems
 
