@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxcomp.quant import tuning
@@ -26,7 +27,7 @@ from jaxcomp.quant.matmul import (
     quantize_activations,
     timing_inputs,
 )
-from jaxcomp.quant.numerics import QuantParams, check_float, check_params, layout
+from jaxcomp.quant.numerics import QuantParams, check_finite, check_float, check_params, layout
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
 
@@ -74,8 +75,10 @@ def qconv(
       The float convolution.
 
     Raises:
-      ValueError: naming `path` for a non-QArray `w`, a non-float `x`, an unknown strategy, or
-        a padding string with an `lhs_dilation` (as `lax.conv_general_dilated`).
+      ValueError: naming `path` for a non-QArray `w`, a non-float `x` or one of another rank, an
+        unknown strategy, invalid strides, dilations, padding, dimension numbers or group count,
+        a stochastic activation spec, or a padding string with an `lhs_dilation` (as
+        `lax.conv_general_dilated`).
 
     Example:
         >>> w = quantize(jnp.ones((3, 3, 2, 4)) * 0.5, QuantSpec(channel_axes=(-1,)))
@@ -90,15 +93,64 @@ def qconv(
     check_float(x, path)
     x = jnp.asarray(x)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
-    if not isinstance(padding, str):
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if x.ndim != len(w.shape):
+        raise ValueError(f"{path}: qconv needs an input of the kernel's rank {len(w.shape)} "
+                         f"(batch, spatial..., features), got shape {x.shape}")
+    if activations is not None and not isinstance(activations, QuantSpec):
+        raise ValueError(f"{path}: activations must be a QuantSpec or None, got "
+                         f"{type(activations).__name__} {activations!r}")
+    if activations is not None and activations.rounding == "stochastic":
+        raise ValueError(f"{path}: serving rounds activations to nearest; stochastic rounding "
+                         f"({activations.describe()}) is for training (fake_quant with a key)")
+    try:
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid dimension_numbers {dimension_numbers!r}: {e}") from e
     n_spatial = len(dn.lhs_spec) - 2
-    if isinstance(padding, str) and any(d != 1 for d in lhs_dilation or ()):
+
+    def ints(name, value, low):
+        value = (1,) * n_spatial if value is None else value
+        try:
+            value = tuple(value)
+        except TypeError:
+            value = (value,)
+        if len(value) != n_spatial or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+                for v in value):
+            raise ValueError(f"{path}: {name} must be {n_spatial} int(s) >= {low}, got {value!r}")
+        return tuple(int(v) for v in value)
+
+    window_strides = ints("window_strides", window_strides, 1)
+    lhs_dilation = ints("lhs_dilation", lhs_dilation, 1)
+    rhs_dilation = ints("rhs_dilation", rhs_dilation, 1)
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "SAME_LOWER", "VALID"):
+            raise ValueError(f"{path}: padding must be 'SAME', 'SAME_LOWER', 'VALID' or (low, high) "
+                             f"pairs, got {padding!r}")
+        padding = padding.upper()
+    else:
+        try:
+            pairs = [tuple(p) for p in padding]
+        except TypeError:
+            pairs = None
+        if pairs is None or len(pairs) != n_spatial or not all(
+                len(p) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                    for v in p) for p in pairs):
+            raise ValueError(f"{path}: padding must be a string or {n_spatial} (low, high) int "
+                             f"pairs, got {padding!r}")
+        padding = tuple((int(lo), int(hi)) for lo, hi in pairs)
+    groups = feature_group_count
+    in_features = x.shape[dn.lhs_spec[1]]
+    if (isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1
+            or in_features % groups):
+        raise ValueError(f"{path}: feature_group_count must be a positive int dividing the "
+                         f"{in_features} input features, got {groups!r}")
+    if isinstance(padding, str) and any(d != 1 for d in lhs_dilation):
         raise ValueError(f"{path}: padding {padding!r} is not defined with lhs_dilation "
                          f"{tuple(lhs_dilation)}; give explicit (low, high) pads")
-    options = (tuple(window_strides), padding, tuple(lhs_dilation or (1,) * n_spatial),
-               tuple(rhs_dilation or (1,) * n_spatial), dn, int(feature_group_count))
+    options = (window_strides, padding, lhs_dilation, rhs_dilation, dn, int(groups))
+    if activations is not None and act_params is None:
+        check_finite(x, path)  # a dynamic range over a NaN/Inf would make every output NaN
     if act_params is not None and activations is not None:
         # Shapes, and concrete values: a zero or NaN scale would zero or NaN the layer silently.
         check_params(act_params, layout(x.shape, activations, path), path, activations)

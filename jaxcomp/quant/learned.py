@@ -25,11 +25,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.core import is_compressed
 from jaxcomp.quant.numerics import (
     Layout,
     QuantParams,
+    check_finite,
     check_float,
     check_positive,
     from_grouped,
@@ -54,6 +56,9 @@ _TINY = 1e-12
 
 
 def _check_spec(spec: QuantSpec, method: str, path: str) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"{path}: expected a jaxcomp.quant.QuantSpec, got {type(spec).__name__} "
+                         f"{spec!r}")
     if spec.is_fp8 or not spec.symmetric or spec.rounding != "nearest":
         raise ValueError(
             f"{path}: {method} needs a symmetric integer spec with nearest rounding, got "
@@ -98,6 +103,7 @@ def lsq_init(x: jax.Array, spec: QuantSpec, path: str = "x") -> jax.Array:
     """
     check_float(x, path)
     _check_spec(spec, "LSQ", path)
+    check_finite(x, path)
     return _lsq_init(jnp.asarray(x), layout(jnp.shape(x), spec, path), spec.qmax)
 
 
@@ -190,10 +196,17 @@ def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
     check_float(x, path)
     _check_spec(spec, "LSQ", path)
     x = jnp.asarray(x)
+    check_finite(x, path)
     lay = layout(x.shape, spec, path)
     step = jnp.asarray(step)
     _check_shape(step, lay, "step", path)
     check_positive(step, "the LSQ step", path)
+    if grad_scale is not None and not (isinstance(grad_scale, (int, float, np.integer, np.floating))
+                                       and not isinstance(grad_scale, bool)
+                                       and math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(f"{path}: grad_scale must be a finite number > 0, got {grad_scale!r}")
+    if x.size == 0:
+        return x
     if grad_scale is None:
         # N counts the elements that really share each step: a step broadcast over several
         # scales of the spec (one step for a per-channel spec) is shared by all of them.
@@ -311,6 +324,7 @@ def pact_fake_quant(x: jax.Array, alpha: jax.Array, spec: QuantSpec, *, path: st
     check_float(x, path)
     _check_spec(spec, "PACT", path)
     x, alpha = jnp.asarray(x), jnp.asarray(alpha)
+    check_finite(x, path)
     try:
         ok = jnp.broadcast_shapes(alpha.shape, x.shape) == x.shape
     except ValueError:
@@ -329,7 +343,10 @@ def pact_penalty(alphas: Any, weight: float = 1e-4) -> jax.Array:
         >>> float(pact_penalty({"a": jnp.float32(2.0)}, weight=0.5))
         2.0
     """
-    return weight * sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(alphas))
+    # In float32 at least: an int32 or float16 alpha would overflow its square.
+    return weight * sum(jnp.sum(jnp.square(jnp.asarray(a, jnp.promote_types(jnp.result_type(a),
+                                                                             jnp.float32))))
+                        for a in jax.tree.leaves(alphas))
 
 
 def lsq_as_static(steps: Mapping[str, jax.Array]) -> dict[str, QuantParams]:

@@ -35,6 +35,7 @@ from jaxcomp.quant import tuning
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.numerics import (
     QuantParams,
+    check_finite,
     check_float,
     check_params,
     codes_from_grouped,
@@ -109,16 +110,28 @@ def quantize_activations(
 def _normalize_dims(dimension_numbers, x_ndim: int, w_ndim: int, path: str):
     if dimension_numbers is None:
         return ((x_ndim - 1,), (0,)), ((), ())
-    (xc, wc), (xb, wb) = dimension_numbers
+    def axes(values, ndim):
+        out = []
+        for a in values:
+            if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+                raise ValueError(f"{path}: dimension_numbers {dimension_numbers!r} name axis {a!r}, "
+                                 f"not an axis of a rank-{ndim} operand")
+            out.append(int(a) % ndim)
+        if len(set(out)) != len(out):
+            raise ValueError(f"{path}: dimension_numbers {dimension_numbers!r} repeat an axis")
+        return tuple(out)
+
     try:
-        xc = tuple(int(a) % x_ndim for a in xc)
-        wc = tuple(int(a) % w_ndim for a in wc)
-        xb = tuple(int(a) % x_ndim for a in xb)
-        wb = tuple(int(a) % w_ndim for a in wb)
-    except (TypeError, ZeroDivisionError) as e:
+        (xc, wc), (xb, wb) = dimension_numbers
+        xc, wc, xb, wb = axes(xc, x_ndim), axes(wc, w_ndim), axes(xb, x_ndim), axes(wb, w_ndim)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(path):
+            raise
         raise ValueError(f"{path}: invalid dimension_numbers {dimension_numbers!r}") from e
     if len(xc) != len(wc) or len(xb) != len(wb):
         raise ValueError(f"{path}: dimension_numbers {dimension_numbers!r} pair unequal axes")
+    if set(xc) & set(xb) or set(wc) & set(wb):
+        raise ValueError(f"{path}: dimension_numbers {dimension_numbers!r} use an axis twice")
     return (xc, wc), (xb, wb)
 
 
@@ -323,8 +336,9 @@ def qdot(
       The float product, with `lax.dot_general`'s output shape.
 
     Raises:
-      ValueError: naming `path` for a non-QArray `w`, a non-float `x`, bad dimension numbers,
-        an unknown strategy, or activation scales that vary along the contracted axes.
+      ValueError: naming `path` for a non-QArray `w`, a non-float or scalar `x`, NaN/Inf in a
+        concrete `x` with dynamic activation ranges, bad dimension numbers, an unknown strategy,
+        a stochastic activation spec, or activation scales that vary along the contracted axes.
 
     Example:
         >>> w = quantize(jnp.array([[1.0, -2.0], [0.5, 0.25]]), QuantSpec(channel_axes=(-1,)))
@@ -337,6 +351,18 @@ def qdot(
         raise ValueError(f"{path}: strategy must be one of {_STRATEGIES}, got {strategy!r}")
     check_float(x, path)
     x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"{path}: qdot needs an input with at least one axis, got a scalar")
+    if activations is not None:
+        if not isinstance(activations, QuantSpec):
+            raise ValueError(f"{path}: activations must be a QuantSpec or None, got "
+                             f"{type(activations).__name__} {activations!r}")
+        if activations.rounding == "stochastic":
+            raise ValueError(f"{path}: serving rounds activations to nearest; stochastic rounding "
+                             f"({activations.describe()}) is for training (fake_quant with a key)")
+        if act_params is None:
+            # A dynamic range over a NaN/Inf would make every output NaN, not just its row's.
+            check_finite(x, path)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     dims = _normalize_dims(dimension_numbers, x.ndim, len(w.shape), path)
     for x_axes, w_axes in dims:  # contracting, then batch axes

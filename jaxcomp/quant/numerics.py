@@ -91,6 +91,12 @@ def layout(shape: tuple[int, ...], spec: QuantSpec, path: str = "x") -> Layout:
         >>> layout((8, 3), QuantSpec(group_size=4, channel_axes=(-1,))).params_shape
         (2, 1, 3)
     """
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"{path}: expected a jaxcomp.quant.QuantSpec, got {type(spec).__name__} "
+                         f"{spec!r}")
+    bad = [d for d in shape if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0]
+    if bad:
+        raise ValueError(f"{path}: a shape holds non-negative ints, got {tuple(shape)}")
     shape = tuple(int(d) for d in shape)
     channels, group = spec.normalized_axes(len(shape), path)
     if group is None:
@@ -153,6 +159,24 @@ def check_positive(value: jax.typing.ArrayLike, name: str, path: str) -> None:
                          f"{array[bad].ravel()[:4].tolist()}")
 
 
+def as_quant_params(params: object, path: str = "x") -> QuantParams:
+    """`params` as `QuantParams`: a `QuantParams`, or a `(scale,)` / `(scale, zero_point)` tuple.
+
+    Raises:
+      ValueError: naming `path` for anything else (a bare float scale, a dict...).
+
+    Example:
+        >>> as_quant_params((jnp.float32(0.5), None)).scale
+        Array(0.5, dtype=float32)
+    """
+    if isinstance(params, QuantParams):
+        return params
+    if isinstance(params, tuple) and 1 <= len(params) <= 2:
+        return QuantParams(*params)
+    raise ValueError(f"{path}: expected QuantParams(scale, zero_point), got "
+                     f"{type(params).__name__} {params!r}")
+
+
 def check_params(params: QuantParams, lay: Layout, path: str,
                  spec: QuantSpec | None = None) -> QuantParams:
     """Validates static params and broadcasts them to `lay.params_shape` (float32).
@@ -165,6 +189,7 @@ def check_params(params: QuantParams, lay: Layout, path: str,
     Raises:
       ValueError: naming `path` and the offending shape or value.
     """
+    params = as_quant_params(params, path)
     for name, value in (("scale", params.scale), ("zero_point", params.zero_point)):
         if value is None:
             continue
@@ -275,13 +300,18 @@ def params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPar
 
     Symmetric: `s = max(|lo|, |hi|) / qmax` (unsigned: `hi / qmax`), `z = None`. Asymmetric:
     `s = (hi - lo) / (qmax - qmin)`, `z = qmin - round(lo / s)`. The range is widened to contain
-    zero; an empty range gives `s = 1`, so zeros stay zero.
+    zero; an empty range gives `s = 1`, so zeros stay zero. Concrete ends that are not finite
+    are a `ValueError`; traced ones (under `jit`) propagate their NaN.
 
     Example:
         >>> p = params_from_range(jnp.float32(-2.0), jnp.float32(6.0), QuantSpec(symmetric=False))
         >>> round(float(p.scale) * 255, 4), float(p.zero_point)
         (8.0, -64.0)
     """
+    for name, end in (("lo", lo), ("hi", hi)):
+        if not isinstance(end, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(end, np.float32))):
+            raise ValueError(f"params_from_range: {name} must be finite, got "
+                             f"{np.asarray(end).ravel()[:4].tolist()}")
     lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     shape = jnp.broadcast_shapes(lo.shape, hi.shape)
     if math.prod(shape) == 1:
@@ -311,6 +341,7 @@ def quant_params(x: jax.Array, spec: QuantSpec, path: str = "x") -> QuantParams:
         Array([0.01], dtype=float32)
     """
     check_float(x, path)
+    check_finite(x, path)
     lay = layout(x.shape, spec, path)
     return params_from_range(*quant_range(x, spec, lay), spec)
 
@@ -356,7 +387,23 @@ def rounding_noise(key: jax.Array | None, shape: tuple[int, ...], spec: QuantSpe
         return None
     if key is None:
         raise ValueError(f"{path}: rounding='stochastic' needs an explicit key=jax.random.key(...)")
+    check_key(key, path)
     return jax.random.uniform(key, shape, jnp.float32)
+
+
+def check_key(key: object, path: str = "key") -> None:
+    """Raises `ValueError` naming `path` unless `key` is a `jax.random` key (new-style typed, or
+    old-style uint32 key data such as `jax.random.PRNGKey(0)`).
+
+    Example:
+        >>> check_key(jax.random.key(0))
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == jnp.uint32 and getattr(key, "ndim", 0) >= 1)):
+        return
+    raise ValueError(f"{path}: key must be a jax.random key (jax.random.key(seed)), got "
+                     f"{type(key).__name__} {key!r}")
 
 
 def quantize_codes(
@@ -376,13 +423,19 @@ def quantize_codes(
       key: the PRNG key for stochastic rounding.
       path: the name used in error messages.
 
+    Raises:
+      ValueError: naming `path` for a non-float `x`, NaN/Inf in a concrete `x`, or params that
+        `check_params` rejects (scales not finite and positive, zero points outside the range).
+
     Example:
         >>> x = jnp.array([0.5, -1.0])
         >>> quantize_codes(x, quant_params(x, QuantSpec()), QuantSpec())
         Array([  64, -127], dtype=int8)
     """
     check_float(x, path)
+    check_finite(x, path)
     lay = layout(x.shape, spec, path)
+    params = check_params(params, lay, path, spec)
     noise = rounding_noise(key, lay.grouped_shape, spec, path)
     q = codes_from_grouped(to_grouped(x, lay), params, spec, noise)
     return from_grouped(q, lay).astype(spec.storage_dtype)
@@ -398,6 +451,8 @@ def dequantize_codes(
         >>> dequantize_codes(jnp.array([2, -3], jnp.int8), p, QuantSpec())
         Array([ 1. , -1.5], dtype=float32)
     """
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"dequantize_codes: dtype must be a float dtype, got {jnp.dtype(dtype)}")
     lay = layout(q.shape, spec)
     qg = to_grouped(q, lay).astype(_compute_dtype(jnp.dtype(dtype)))
     return from_grouped(values_from_codes(qg, params), lay).astype(dtype)

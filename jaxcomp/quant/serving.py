@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcomp.quant import tuning
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, qdot
@@ -53,14 +54,27 @@ def prepare_for_serving(
     Returns:
       The tree with re-laid-out `QArray` leaves (or float kernels, with `allow_float`).
 
+    Raises:
+      ValueError: if a given `where` selects nothing, for `batch_sizes` that are not positive
+        ints, or `activations` that are not a `QuantSpec` or None.
+
     Example:
         >>> q = quantize_tree({"k": jnp.ones((16, 8))}, QuantSpec(channel_axes=(-1,)))
         >>> prepare_for_serving(q)["k"].shape
         (16, 8)
     """
-    sizes = tuple(int(b) for b in batch_sizes)
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    try:
+        sizes = tuple(batch_sizes)
+    except TypeError:
+        sizes = ()
+    if not sizes or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+                            for b in sizes):
+        raise ValueError(f"batch_sizes must be a non-empty sequence of positive ints, got "
+                         f"{batch_sizes!r}")
+    sizes = tuple(int(b) for b in sizes)
+    if activations is not None and not isinstance(activations, QuantSpec):
+        raise ValueError(f"activations must be a QuantSpec or None, got {type(activations).__name__} "
+                         f"{activations!r}")
 
     def one(leaf):
         if not isinstance(leaf, QArray) or len(leaf.shape) != 2 or leaf.spec.is_fp8:
@@ -70,7 +84,9 @@ def prepare_for_serving(
             return leaf.materialize()
         return leaf.transpose_storage((1, 0) if choice == "nk" else None)
 
-    return map_selected(one, params, where=where, allow_empty=True)
+    # where=None takes every leaf (a tree without a QArray comes back as it is); a `where` given
+    # explicitly must select something, so a misspelled pattern is not silently a no-op.
+    return map_selected(one, params, where=where, allow_empty=where is None)
 
 
 def _choose_layout(w: QArray, batch_sizes: tuple[int, ...], activations, allow_float: bool) -> str:

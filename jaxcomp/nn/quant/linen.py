@@ -100,7 +100,9 @@ def fake_quant_inputs(
 
     Raises:
       ValueError: if more than one of `params`, `steps`, `alphas` is given; when a selected layer
-        has no entry in the given table; or as `fake_quant` (non-float input...).
+        has no entry in the given table; on leaving the block, if layers of the intercepted
+        classes ran but `where` selected none of them (a misspelled pattern); or as
+        `fake_quant` (non-float input...).
 
     Example:
         >>> model = nn.Dense(3)
@@ -113,14 +115,18 @@ def fake_quant_inputs(
     if sum(t is not None for t in (params, steps, alphas)) > 1:
         raise ValueError("give at most one of params=, steps=, alphas=")
     selected = module_matcher(where)
+    called: list[str] = []  # layers of the intercepted classes that ran
+    matched = []
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, modules):
             return next_fun(*args, **kwargs)
         path = _linen_path(module)
+        called.append(path)
         if not selected(path, module):
             return next_fun(*args, **kwargs)
+        matched.append(path)
         x, rebuild = _input_and_rest(args, kwargs)
         # Each layer rounds with its own noise: the key folded with a hash of its path.
         layer_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) >> 1)
@@ -131,6 +137,10 @@ def fake_quant_inputs(
 
     with nn.intercept_methods(interceptor):
         yield
+    if called and not matched:
+        # A misspelled `where` would otherwise train or evaluate the float model silently.
+        raise ValueError(f"fake_quant_inputs: where={where!r} selected none of the layers that ran: "
+                         f"{sorted(set(called))[:10]}")
 
 
 @contextlib.contextmanager
