@@ -187,14 +187,24 @@ def bit_width(dtype: Any) -> int:
     """Bits one element of `dtype` occupies when packed: 4 for int4, 2 for int2, 8 for bool (XLA
     stores a byte per bool; packed bitmasks are a compressed leaf's own business).
 
+    Raises:
+      ValueError: if `dtype` is None or not a dtype (NumPy would read None as float64).
+
     Example:
         >>> bit_width(jnp.int4), bit_width(jnp.float32)
         (4, 32)
     """
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if dtype is None:
+        raise ValueError("bit_width: dtype is None (pass a dtype, e.g. jnp.float32)")
+    try:
+        is_key = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        if not is_key:
+            dtype = np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"bit_width: {dtype!r} is not a dtype") from e
+    if is_key:
         return 32 * math.prod(jax.eval_shape(jax.random.key_data,
                                              jax.ShapeDtypeStruct((), dtype)).shape)
-    dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return 8
     if np.issubdtype(dtype, np.complexfloating):
@@ -214,18 +224,27 @@ def stored_nbytes(tree: Any) -> int:
 
     Sub-byte dtypes count at their bit width, rounded up to whole bytes per array.
 
+    Raises:
+      ValueError: naming the path, for a Python int too large for the integer dtype JAX
+        would store it in (int32 unless x64 is on).
+
     Example:
         >>> stored_nbytes({"a": jnp.zeros((10,), jnp.int4), "b": jnp.zeros((2,), jnp.float32)})
         13
     """
+    from jaxcomp.tree import key_path_str  # jaxcomp.tree imports this module
+
     total = 0
-    for leaf in jax.tree.leaves(tree, is_leaf=is_compressed):
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_compressed):
         if is_compressed(leaf):
             total += leaf.nbytes
         elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             total += -(-math.prod(leaf.shape) * bit_width(leaf.dtype) // 8)
         else:  # Python scalars: the dtype JAX stores them in (int32/float32 without x64)
-            total += bit_width(leaf_dtype(leaf)) // 8
+            try:
+                total += bit_width(leaf_dtype(leaf)) // 8
+            except ValueError as e:
+                raise ValueError(f"stored_nbytes: leaf {key_path_str(key_path)!r}: {e}") from e
     return total
 
 
@@ -236,5 +255,11 @@ def leaf_dtype(leaf: Any) -> Any:
     if dtype is not None:
         return dtype
     if isinstance(leaf, (bool, int, float, complex)):
-        return jax.eval_shape(lambda: jnp.asarray(leaf)).dtype
+        try:
+            return jax.eval_shape(lambda: jnp.asarray(leaf)).dtype
+        except OverflowError as e:  # a Python int past int32 (int64 with x64) has no JAX dtype
+            raise ValueError(
+                f"the Python int {leaf} does not fit the integer dtype JAX stores Python ints in "
+                f"({e}); store it as a NumPy int64 or float, or enable x64"
+            ) from e
     return np.asarray(leaf).dtype

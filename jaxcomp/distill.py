@@ -60,6 +60,24 @@ def _compute_dtype(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _as_float_array(name: str, value: jax.typing.ArrayLike, *, class_axis: bool) -> jax.Array:
+    """`value` as a real floating-point array, or a ValueError naming `name` and its dtype."""
+    try:
+        array = jnp.asarray(value)
+    except TypeError as e:
+        raise ValueError(
+            f"{name} must be a floating-point array, got {type(value).__name__}"
+        ) from e
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be real floating-point values, got dtype {array.dtype} (cast integer "
+            "values to float; complex values have no softmax or squared error)"
+        )
+    if class_axis and array.ndim == 0:
+        raise ValueError(f"{name} must have a class axis (..., classes), got a scalar")
+    return array
+
+
 def _check_labels(labels: jax.Array, student_logits: jax.Array) -> None:
     want, classes = student_logits.shape[:-1], student_logits.shape[-1]
     if labels.shape != want:
@@ -95,7 +113,8 @@ def soft_target_kl(
       A scalar.
 
     Raises:
-      ValueError: for a concrete T that is not a finite number > 0, or mismatched shapes.
+      ValueError: for a concrete T that is not a finite number > 0, mismatched shapes, or
+        logits that are scalars or not real floating point (integer, complex).
 
     Example:
         >>> logits = jnp.array([[2.0, 0.0, -1.0]])
@@ -103,7 +122,8 @@ def soft_target_kl(
         0.0
     """
     _check(temperature)
-    student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
+    student_logits = _as_float_array("student_logits", student_logits, class_axis=True)
+    teacher_logits = _as_float_array("teacher_logits", teacher_logits, class_axis=True)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} "
@@ -150,7 +170,8 @@ def distillation_loss(
 
     Raises:
       ValueError: for a T that is not a finite number > 0, alpha outside [0, 1], labels of the
-        wrong shape or dtype or (when concrete) out of range, or mismatched logit shapes.
+        wrong shape or dtype or (when concrete) out of range, mismatched logit shapes, or
+        logits that are scalars or not real floating point (integer, complex).
 
     Example:
         >>> s = jnp.array([[1.0, 0.0]]); t = jnp.array([[3.0, 0.0]]); y = jnp.array([0])
@@ -158,7 +179,9 @@ def distillation_loss(
         True
     """
     _check(temperature, alpha)
-    student_logits, labels = jnp.asarray(student_logits), jnp.asarray(labels)
+    student_logits = _as_float_array("student_logits", student_logits, class_axis=True)
+    teacher_logits = _as_float_array("teacher_logits", teacher_logits, class_axis=True)
+    labels = jnp.asarray(labels)
     _check_labels(labels, student_logits)
     classes = student_logits.shape[-1]
     if student_logits.size == 0:
@@ -193,15 +216,19 @@ def feature_distillation_loss(
       A scalar.
 
     Raises:
-      ValueError: when the shapes differ, or for scalar features with `normalize=True`.
+      ValueError: when the shapes differ, for features that are not real floating point
+        (integer, bool, complex), a `normalize` that is not a bool, or scalar features with
+        `normalize=True`.
 
     Example:
         >>> f = jnp.ones((2, 4))
         >>> float(feature_distillation_loss(f, 2 * f, normalize=True))
         0.0
     """
-    student_features = jnp.asarray(student_features)
-    teacher_features = jnp.asarray(teacher_features)
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
+    student_features = _as_float_array("student_features", student_features, class_axis=False)
+    teacher_features = _as_float_array("teacher_features", teacher_features, class_axis=False)
     if student_features.shape != teacher_features.shape:
         raise ValueError(
             f"student features {student_features.shape} and teacher features "

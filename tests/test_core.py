@@ -109,6 +109,18 @@ def test_nbytes_counts_sub_byte_dtypes_at_their_width():
     assert stored_nbytes({"a": int4_leaf, "b": jnp.zeros(3, jnp.int2)}) == 48 + 1
 
 
+def test_bit_width_and_stored_nbytes_reject_what_jax_cannot_store():
+    """bit_width(None) is not NumPy's float64 (regression: 64); a Python int past int32 is a
+    ValueError naming its path (regression: OverflowError), small ones count 4 bytes."""
+    for bad in (None, "floatx", 5):
+        with pytest.raises(ValueError, match="bit_width"):
+            jaxcomp.core.bit_width(bad)
+    assert stored_nbytes({"a": 3, "b": 2.0}) == 8
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match=r"stored_nbytes: leaf 'x/a': the Python int 1099"):
+            stored_nbytes({"x": {"a": 2**40}})
+
+
 def test_compressed_leaf_decorator_rejects_other_classes():
     with pytest.raises(TypeError, match="CompressedLeaf"):
         compressed_leaf(int)

@@ -75,6 +75,16 @@ def test_feature_loss_is_mse_and_scale_free_when_normalized():
         (lambda: soft_target_kl(S, T, "2"), "temperature must be a real number"),
         (lambda: soft_target_kl(S, T, True), "temperature must be a real number, got True"),
         (lambda: distillation_loss(S, T, Y, alpha=None), "alpha must be a real number"),
+        (lambda: distillation_loss(S[0, 0], T[0, 0], Y[0]),
+         "student_logits must have a class axis"),
+        (lambda: soft_target_kl(S.astype(jnp.complex64), T),
+         "student_logits must be real .*complex64"),
+        (lambda: soft_target_kl(S, T.astype(jnp.int32)), "teacher_logits must be real .*int32"),
+        (lambda: distillation_loss(S.astype(jnp.int32), T, Y), "student_logits .* int32"),
+        (lambda: feature_distillation_loss(S.astype(jnp.int32), T.astype(jnp.int32)),
+         "student_features must be real floating-point values, got dtype int32"),
+        (lambda: feature_distillation_loss(S * 1j, T * 1j), "student_features .*complex"),
+        (lambda: feature_distillation_loss(S, T, normalize="yes"), "normalize must be True or"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message):

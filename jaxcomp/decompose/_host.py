@@ -43,9 +43,12 @@ def tensorly_numpy() -> Iterator[Any]:
 
 
 def to_host(kernel: Any, name: str) -> np.ndarray:
-    """The kernel as a float64 numpy array; abstract or non-float kernels raise `ValueError`."""
+    """The kernel as a float64 numpy array; non-arrays, abstract, non-float, empty or non-finite
+    kernels raise `ValueError`."""
     if isinstance(kernel, jax.ShapeDtypeStruct):
         raise ValueError(f"{name}: cannot decompose an abstract array (ShapeDtypeStruct)")
+    if not (hasattr(kernel, "shape") and hasattr(kernel, "dtype")):
+        raise ValueError(f"{name}: kernel must be an array, got {type(kernel).__name__}")
     if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
         raise ValueError(f"{name}: kernel must be floating point, got {jnp.result_type(kernel)}")
     if 0 in np.shape(kernel):

@@ -47,7 +47,18 @@ def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
     return y if bias is None else y + bias
 
 
-def _check_features(x: jax.Array, features: int, what: str) -> None:
+def _check_call(x: Any, kernel: Any, kind: type, what: str) -> None:
+    """Raises a `ValueError` unless `kernel` is a `kind` and `x` an array `(..., in)` that fits."""
+    if not isinstance(kernel, kind):
+        hint = f" (a {type(kernel).__name__} runs with {_APPLY[type(kernel)].__name__})" if (
+            type(kernel) in _APPLY) else ""
+        raise ValueError(f"{what} expects a {kind.__name__} kernel, got {type(kernel).__name__}"
+                         f"{hint}")
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise ValueError(f"{what}: the input must be an array, got {type(x).__name__}")
+    if x.ndim == 0:
+        raise ValueError(f"{what}: the input must have a feature axis (..., in), got a scalar")
+    features = kernel.shape[2] if kernel.ndim == 4 else kernel.shape[0]
     if x.shape[-1] != features:
         raise ValueError(f"{what}: input has {x.shape[-1]} features, the kernel expects {features}")
 
@@ -66,12 +77,16 @@ def svd_dense(
     Returns:
       `(..., out)`.
 
+    Raises:
+      ValueError: if `kernel` is not a `SVDKernel`, or `x` is not an array whose last axis has
+        the kernel's input size.
+
     Example:
         >>> leaf = SVDKernel(jnp.ones((6, 2)), jnp.ones((2, 4)))
         >>> svd_dense(jnp.ones((3, 6)), leaf).shape
         (3, 4)
     """
-    _check_features(x, kernel.shape[0], "svd_dense")
+    _check_call(x, kernel, SVDKernel, "svd_dense")
     kernel = kernel.dense_factors()
     x, u, v, bias = _promote(x, kernel.u, kernel.v, bias)
     return _add_bias(_matmul(_matmul(x, u, precision), v, precision), bias)
@@ -94,12 +109,16 @@ def tt_dense(
     Returns:
       `(..., out)`.
 
+    Raises:
+      ValueError: if `kernel` is not a `TTKernel`, or `x` is not an array whose last axis has
+        the kernel's input size.
+
     Example:
         >>> cores = (jnp.ones((1, 2, 3, 2)), jnp.ones((2, 4, 2, 1)))
         >>> tt_dense(jnp.ones((5, 8)), TTKernel(cores, in_modes=(2, 4), out_modes=(3, 2))).shape
         (5, 6)
     """
-    _check_features(x, kernel.shape[0], "tt_dense")
+    _check_call(x, kernel, TTKernel, "tt_dense")
     kernel = kernel.dense_factors()
     x, bias, *cores = _promote(x, bias, *kernel.cores)
     batch_shape = x.shape[:-1]
@@ -164,14 +183,18 @@ def tucker2_conv(
       `(..., H', W', cout)`, equal (to rounding) to the dense convolution with
       `kernel.materialize()`.
 
+    Raises:
+      ValueError: if `kernel` is not a `Tucker2Kernel`, or `x` is not an array whose last axis has
+        the kernel's input size.
+
     Example:
         >>> leaf = Tucker2Kernel(jnp.ones((3, 3, 2, 2)), jnp.ones((8, 2)), jnp.ones((2, 8)),
         ...                      spec=ConvSpec(strides=2))
         >>> tucker2_conv(jnp.ones((1, 8, 8, 8)), leaf).shape
         (1, 4, 4, 8)
     """
-    kh, kw, cin, _ = kernel.shape
-    _check_features(x, cin, "tucker2_conv")
+    _check_call(x, kernel, Tucker2Kernel, "tucker2_conv")
+    kh, kw, _, _ = kernel.shape
     kernel = kernel.dense_factors()
     x, core, u_in, u_out, bias = _promote(x, kernel.core, kernel.u_in, kernel.u_out, bias)
     x, batch_shape = _flatten_batch(x)
@@ -228,14 +251,18 @@ def cp_conv(
     Returns:
       `(..., H', W', cout)`.
 
+    Raises:
+      ValueError: if `kernel` is not a `CPKernel`, or `x` is not an array whose last axis has
+        the kernel's input size.
+
     Example:
         >>> leaf = CPKernel(jnp.ones((8, 4)), jnp.ones((3, 4)), jnp.ones((3, 4)),
         ...                 jnp.ones((4, 8)), spec=ConvSpec(padding="VALID"))
         >>> cp_conv(jnp.ones((1, 8, 8, 8)), leaf).shape
         (1, 6, 6, 8)
     """
-    kh, kw, cin, _ = kernel.shape
-    _check_features(x, cin, "cp_conv")
+    _check_call(x, kernel, CPKernel, "cp_conv")
+    kh, kw, _, _ = kernel.shape
     kernel = kernel.dense_factors()
     x, a_in, a_h, a_w, a_out, bias = _promote(
         x, kernel.a_in, kernel.a_h, kernel.a_w, kernel.a_out, bias
@@ -270,7 +297,7 @@ def factorized_apply(
       The layer's output.
 
     Raises:
-      TypeError: if `kernel` is not a factorized kernel.
+      ValueError: if `kernel` is not a factorized kernel, or `x` does not fit it.
 
     Example:
         >>> leaf = SVDKernel(jnp.ones((6, 2)), jnp.ones((2, 4)))
@@ -279,7 +306,10 @@ def factorized_apply(
     """
     apply = _APPLY.get(type(kernel))
     if apply is None:
-        raise TypeError(f"factorized_apply expects a factorized kernel, got {type(kernel).__name__}")
+        raise ValueError(
+            "factorized_apply expects a factorized kernel (SVDKernel, TTKernel, Tucker2Kernel or "
+            f"CPKernel), got {type(kernel).__name__}"
+        )
     return apply(x, kernel, bias, precision=precision)
 
 

@@ -109,7 +109,8 @@ def allocate_ranks(
 
     Raises:
       ValueError: naming the path, for a method without singular values (CP) or a missing FLOP
-        count; and when even rank 1 everywhere exceeds the budget.
+        count; when even rank 1 everywhere exceeds the budget; and when `models` is not a
+        non-empty mapping to rank models (e.g. a params tree) or `budget` is not a budget.
 
     Example:
         >>> import numpy as np
@@ -121,6 +122,27 @@ def allocate_ranks(
         >>> ranks["a"], ranks["b"] is None or ranks["b"][0] > 2
         ((2,), True)
     """
+    if not isinstance(budget, (ParamBudget, FlopBudget)):
+        raise ValueError(
+            f"allocate_ranks: budget must be a ParamBudget or FlopBudget, got {budget!r}"
+        )
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(
+            "allocate_ranks: models must be a non-empty mapping from kernel paths to rank models "
+            f"(SVDModel, Tucker2Model, TTModel), got {type(models).__name__}; to decompose a "
+            "params tree under a budget use decompose_tree(params, budget)"
+        )
+    for name, model in models.items():
+        if not isinstance(model, RankModel):
+            raise ValueError(
+                f"allocate_ranks: models[{name!r}] must be a rank model (SVDModel, Tucker2Model, "
+                f"TTModel), got {type(model).__name__}; to decompose a params tree under a "
+                "budget use decompose_tree(params, budget)"
+            )
+    if strides is not None and not isinstance(strides, Mapping):
+        raise ValueError(
+            f"allocate_ranks: strides must map kernel paths to strides, got {strides!r}"
+        )
     strides = strides or {}
     layers = {name: _Layer(name, m, budget, strides.get(name, (1, 1))) for name, m in models.items()}
     total = sum(layer.cost(layer.ranks) for layer in layers.values())

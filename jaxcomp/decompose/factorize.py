@@ -71,6 +71,42 @@ def _warn_if_larger(model: RankModel, ranks: tuple[int, ...], name: str) -> None
         )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_iters(n_iter_max: Any, what: str = "n_iter_max") -> int:
+    """`n_iter_max` as a Python int >= 1, or a ValueError naming it."""
+    if not _is_int(n_iter_max) or n_iter_max < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {n_iter_max!r}")
+    return int(n_iter_max)
+
+
+def _check_seed(seed: Any) -> int | None:
+    """`seed` as a Python int in [0, 2**32) (or None: tensorly's unseeded state)."""
+    if seed is None:
+        return None
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32) or None, got {seed!r}")
+    return int(seed)
+
+
+def _check_spec(spec: Any, name: str) -> ConvSpec:
+    if spec is None:
+        return ConvSpec()
+    if not isinstance(spec, ConvSpec):
+        raise ValueError(f"{name}: spec must be a ConvSpec, got {spec!r}")
+    return spec
+
+
+def _check_modes(modes: Any, what: str, name: str) -> tuple[int, ...]:
+    """TT modes as a tuple of Python ints (NumPy integers accepted), or a ValueError."""
+    if (not isinstance(modes, (tuple, list, np.ndarray)) or np.ndim(modes) != 1
+            or not all(_is_int(m) for m in modes)):
+        raise ValueError(f"{name}: TT {what} must be a sequence of ints, got {modes!r}")
+    return tuple(int(m) for m in modes)
+
+
 _SVD_METHODS = {"truncated": "truncated_svd", "symeig": "symeig_svd", "randomized": "randomized_svd"}
 
 
@@ -186,7 +222,8 @@ def decompose_svd(
       An `SVDKernel` with `u = U sqrt(S)` and `v = sqrt(S) V^T`.
 
     Raises:
-      ValueError: naming `name`, for a non-2-D or non-finite kernel or an invalid rank.
+      ValueError: naming `name`, for a non-2-D or non-finite kernel or an invalid rank; and for
+        an unknown `svd` or a `seed` that is not an int in [0, 2**32) or None.
 
     Example:
         >>> import jax.numpy as jnp
@@ -194,6 +231,8 @@ def decompose_svd(
         >>> leaf.rank, leaf.shape
         ((3,), (8, 8))
     """
+    seed = _check_seed(seed)
+    _svd_method(svd)
     host = _host.to_host(kernel, name)
     _check_ndim(host, 2, "SVD", name)
     model = SVDModel(host)
@@ -220,7 +259,7 @@ def decompose_tt(
       ranks: an int (every bond), a tuple (one per bond), or a rank rule.
       in_modes: factors of `in` (default: `balanced_modes(in, order)`).
       out_modes: factors of `out` (default: `balanced_modes(out, order)`).
-      order: number of cores when the modes are not given.
+      order: number of cores when the modes are not given (an int >= 2).
       svd: the SVD algorithm of the TT-SVD sweeps (see `decompose_svd`).
       seed: seed of the randomized SVD.
       name: the path used in messages.
@@ -229,7 +268,8 @@ def decompose_tt(
       A `TTKernel`.
 
     Raises:
-      ValueError: naming `name`, for bad modes, a non-2-D kernel or an invalid rank.
+      ValueError: naming `name`, for bad modes or `order` (ints; `order` >= 2), a non-2-D kernel,
+        an invalid rank, an unknown `svd` or a bad `seed`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -237,10 +277,16 @@ def decompose_tt(
         >>> leaf.in_modes, leaf.rank
         ((4, 4), (2,))
     """
+    seed = _check_seed(seed)
+    _svd_method(svd)
+    if not _is_int(order) or (order < 2 and (in_modes is None or out_modes is None)):
+        raise ValueError(f"{name}: TT order must be an int >= 2, got {order!r}")
     host = _host.to_host(kernel, name)
     _check_ndim(host, 2, "TT", name)
-    in_modes = tuple(in_modes) if in_modes is not None else balanced_modes(host.shape[0], order)
-    out_modes = tuple(out_modes) if out_modes is not None else balanced_modes(host.shape[1], order)
+    in_modes = (_check_modes(in_modes, "in_modes", name) if in_modes is not None
+                else balanced_modes(host.shape[0], int(order)))
+    out_modes = (_check_modes(out_modes, "out_modes", name) if out_modes is not None
+                 else balanced_modes(host.shape[1], int(order)))
     if math.prod(in_modes) != host.shape[0] or math.prod(out_modes) != host.shape[1]:
         raise ValueError(
             f"{name}: TT modes {in_modes} x {out_modes} do not factor the kernel shape {host.shape}"
@@ -276,7 +322,7 @@ def decompose_tucker2(
       kernel: HWIO kernel.
       ranks: an int (both modes), `(r_in, r_out)`, or a rank rule.
       spec: the convolution's stride, padding and dilation (default: stride 1, SAME).
-      n_iter_max: HOOI iterations.
+      n_iter_max: HOOI iterations (an int >= 1).
       seed: seed for tensorly's random completion of factors.
       svd: the SVD algorithm of the initialisation (see `decompose_svd`).
       name: the path used in messages.
@@ -285,7 +331,8 @@ def decompose_tucker2(
       A `Tucker2Kernel`.
 
     Raises:
-      ValueError: naming `name`, for a non-4-D kernel or an invalid rank.
+      ValueError: naming `name`, for a non-4-D kernel, an invalid rank, a `spec` that is not a
+        `ConvSpec`, `n_iter_max` that is not an int >= 1, or a bad `seed` or `svd`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -293,13 +340,16 @@ def decompose_tucker2(
         >>> leaf.rank, leaf.shape
         ((2, 4), (3, 3, 8, 8))
     """
+    n_iter_max, seed = _check_iters(n_iter_max), _check_seed(seed)
+    spec = _check_spec(spec, name)
+    _svd_method(svd)
     host = _host.to_host(kernel, name)
     _check_ndim(host, 4, "Tucker-2", name)
     model = Tucker2Model(host)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
     _warn_if_larger(model, ranks_, name)
     factors = _place_factors(_tucker2_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
-    return Tucker2Kernel(**factors, spec=spec or ConvSpec())
+    return Tucker2Kernel(**factors, spec=spec)
 
 
 def decompose_cp(
@@ -321,7 +371,7 @@ def decompose_cp(
       kernel: HWIO kernel.
       ranks: an int, `FixedRank` or `ParamRatio` (CP has no singular values for the others).
       spec: the convolution's stride, padding and dilation (default: stride 1, SAME).
-      n_iter_max: ALS iterations.
+      n_iter_max: ALS iterations (an int >= 1).
       seed: seed for tensorly's random completion of the initial factors.
       svd: the SVD algorithm of the initialisation (see `decompose_svd`).
       name: the path used in messages.
@@ -330,7 +380,8 @@ def decompose_cp(
       A `CPKernel`.
 
     Raises:
-      ValueError: naming `name`, for a non-4-D kernel or an invalid rank.
+      ValueError: naming `name`, for a non-4-D kernel, an invalid rank, a `spec` that is not a
+        `ConvSpec`, `n_iter_max` that is not an int >= 1, or a bad `seed` or `svd`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -338,10 +389,13 @@ def decompose_cp(
         >>> bool(jnp.allclose(leaf.materialize(), 1.0, atol=1e-5))
         True
     """
+    n_iter_max, seed = _check_iters(n_iter_max), _check_seed(seed)
+    spec = _check_spec(spec, name)
+    _svd_method(svd)
     host = _host.to_host(kernel, name)
     _check_ndim(host, 4, "CP", name)
     model = CPModel(host)
     ranks_ = select_ranks(model, _layer_rule(ranks, name), name)
     _warn_if_larger(model, ranks_, name)
     factors = _place_factors(_cp_factors(model, ranks_, n_iter_max=n_iter_max, seed=seed, svd=svd), kernel)
-    return CPKernel(**factors, spec=spec or ConvSpec())
+    return CPKernel(**factors, spec=spec)

@@ -44,15 +44,19 @@ Padding = Union[str, tuple[tuple[int, int], ...]]
 _PADDING_STRINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _pair(value: Any, name: str) -> tuple[int, int]:
     if value is None:
         return (1, 1)
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    value = tuple(int(v) for v in value)
-    if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"ConvSpec.{name} must be a positive int or a pair of them, got {value}")
-    return value  # type: ignore[return-value]
+    if _is_int(value):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(_is_int(v) and v >= 1 for v in value)):
+        raise ValueError(f"ConvSpec.{name} must be a positive int or a pair of them, got {value!r}")
+    return (int(value[0]), int(value[1]))
 
 
 def _padding(value: Any) -> Padding:
@@ -63,15 +67,22 @@ def _padding(value: Any) -> Padding:
                 f"ConvSpec.padding={value!r} is not one of {_PADDING_STRINGS} or explicit pads"
             )
         return upper
-    if isinstance(value, (int, np.integer)):
+    if _is_int(value):
         return ((int(value), int(value)),) * 2
+    bad = ValueError(
+        f"ConvSpec.padding={value!r} is not one of {_PADDING_STRINGS}, an int, or one int or "
+        "(low, high) pair of ints per spatial axis"
+    )
+    if not isinstance(value, (tuple, list)):
+        raise bad
     pads = []
     for p in value:
-        if isinstance(p, (int, np.integer)):
+        if _is_int(p):
             pads.append((int(p), int(p)))
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p):
+            pads.append((int(p[0]), int(p[1])))
         else:
-            lo, hi = p
-            pads.append((int(lo), int(hi)))
+            raise bad
     if len(pads) != 2:
         raise ValueError(f"ConvSpec.padding needs one (low, high) pair per spatial axis, got {value}")
     return tuple(pads)

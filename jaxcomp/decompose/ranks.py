@@ -152,8 +152,12 @@ class VBMF:
     sigma2: float | None = None
 
     def __post_init__(self):
-        if self.sigma2 is not None and not self.sigma2 > 0:
-            raise ValueError(f"VBMF.sigma2 must be positive, got {self.sigma2!r}")
+        if self.sigma2 is None:
+            return
+        real = isinstance(self.sigma2, (int, float, np.integer, np.floating)) and not isinstance(
+            self.sigma2, (bool, np.bool_))
+        if not real or not self.sigma2 > 0 or not math.isfinite(self.sigma2):
+            raise ValueError(f"VBMF.sigma2 must be a positive number or None, got {self.sigma2!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +176,10 @@ class ParamBudget:
     total: int
 
     def __post_init__(self):
-        if not isinstance(self.total, (int, np.integer)) or self.total < 1:
+        if (isinstance(self.total, (bool, np.bool_))
+                or not isinstance(self.total, (int, np.integer)) or self.total < 1):
             raise ValueError(f"ParamBudget.total must be a positive int, got {self.total!r}")
+        object.__setattr__(self, "total", int(self.total))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +213,10 @@ class FlopBudget:
     input_hw: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        if not isinstance(self.total, (int, np.integer)) or self.total < 1:
+        if (isinstance(self.total, (bool, np.bool_))
+                or not isinstance(self.total, (int, np.integer)) or self.total < 1):
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
+        object.__setattr__(self, "total", int(self.total))
         dense = self.dense_flops
         input_hw = {}
         if isinstance(dense, FlopCount):
@@ -273,11 +281,43 @@ def as_rule(ranks: RankRule) -> Union[LayerRule, ParamBudget, FlopBudget]:
 def energy_rank(spectrum: np.ndarray, threshold: float) -> int:
     """The smallest `r` with `sum(s[:r]**2) >= threshold * sum(s**2)` (at least 1).
 
+    Args:
+      spectrum: the singular values, a non-empty 1-D array of finite values >= 0 (in
+        decreasing order, as an SVD returns them).
+      threshold: the fraction of the squared norm to keep, in (0, 1].
+
+    Returns:
+      The rank, between 1 and `len(spectrum)`.
+
+    Raises:
+      ValueError: if `threshold` is not a number in (0, 1], or `spectrum` is not a non-empty
+        1-D array of finite, non-negative values.
+
     Example:
         >>> energy_rank(np.array([3.0, 1.0, 0.1]), 0.85), energy_rank(np.array([3.0, 1.0, 0.1]), 0.95)
         (1, 2)
     """
-    energy = np.cumsum(np.asarray(spectrum, np.float64) ** 2)
+    real = isinstance(threshold, (int, float, np.integer, np.floating)) or (
+        isinstance(threshold, (np.ndarray, jax.Array)) and np.ndim(threshold) == 0
+        and np.issubdtype(np.asarray(threshold).dtype, np.floating))
+    if isinstance(threshold, (bool, np.bool_)) or not real or not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"energy_rank: threshold must be a number in (0, 1], got {threshold!r}")
+    try:
+        s = np.asarray(spectrum, np.float64)
+    except (TypeError, ValueError):
+        s = None
+    if s is None or s.ndim != 1 or s.size == 0:
+        shape = "not numeric" if s is None else f"shape {s.shape}"
+        raise ValueError(
+            f"energy_rank: spectrum must be a non-empty 1-D array of singular values, got "
+            f"{type(spectrum).__name__} ({shape})"
+        )
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError(
+            f"energy_rank: spectrum must hold finite values >= 0 (singular values), got "
+            f"{s.tolist()[:8]}"
+        )
+    energy = np.cumsum(s**2)
     if energy[-1] == 0.0:
         return 1
     return max(1, int(np.searchsorted(energy, threshold * energy[-1] * (1 - 1e-12)) + 1))

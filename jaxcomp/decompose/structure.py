@@ -81,10 +81,17 @@ class Tucker2Model(RankModel):
 def balanced_modes(n: int, order: int) -> tuple[int, ...]:
     """Splits `n` into `order` factors as equal as possible (prime factors, largest first).
 
+    Raises:
+      ValueError: if `n` or `order` is not an int >= 1 (NumPy integers are accepted).
+
     Example:
         >>> balanced_modes(4096, 3), balanced_modes(784, 3), balanced_modes(10, 2)
         ((16, 16, 16), (14, 8, 7), (5, 2))
     """
+    for name, value in (("n", n), ("order", order)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"balanced_modes: {name} must be an int, got {value!r}")
+    n, order = int(n), int(order)
     if n < 1 or order < 1:
         raise ValueError(f"balanced_modes needs n >= 1 and order >= 1, got {n}, {order}")
     primes, rest, p = [], n, 2

@@ -17,7 +17,10 @@ from jaxcomp.core import is_compressed
 from jaxcomp.decompose import _host
 from jaxcomp.decompose.budget import allocate_ranks
 from jaxcomp.decompose.factorize import (
+    _check_iters,
+    _check_seed,
     _cp_factors,
+    _is_int,
     _place_factors,
     _svd_method,
     _svd_factors,
@@ -62,6 +65,11 @@ def _spec_for(conv_specs: Any, path: str) -> ConvSpec:
         return ConvSpec()
     if isinstance(conv_specs, ConvSpec):
         return conv_specs
+    if not isinstance(conv_specs, Mapping):
+        raise ValueError(
+            f"conv_specs must be a ConvSpec or a mapping from kernel paths to ConvSpec, got "
+            f"{conv_specs!r}"
+        )
     spec = conv_specs.get(path, ConvSpec())
     if not isinstance(spec, ConvSpec):
         raise ValueError(f"{path}: conv_specs must map paths to ConvSpec, got {spec!r}")
@@ -153,7 +161,7 @@ def decompose_tree(
         mapping from kernel path); stored in the leaves for the standalone apply functions.
         Default: stride 1, SAME. `jaxcomp.nn.decompose` fills it from the model.
       tt_order: number of TT cores (input and output sizes are split into balanced factors).
-      n_iter_max: iterations of HOOI (Tucker-2, default 100) or ALS (CP, default 200).
+      n_iter_max: iterations of HOOI (Tucker-2, default 100) or ALS (CP, default 200); an int >= 1.
       seed: seed for tensorly's random completions, so results are deterministic.
       svd: `"truncated"` (exact LAPACK SVD), `"symeig"` (Gram-matrix eigenvectors, faster on large
         kernels) or `"randomized"` (seeded, approximate, fastest at low rank).
@@ -164,7 +172,9 @@ def decompose_tree(
     Raises:
       ValueError: naming the path and value, for an invalid rank or method, a selected kernel
         that is not a finite, non-empty float array, or when `where` selects no kernel that
-        `method` applies to.
+        `method` applies to; and for a `tt_order` or `n_iter_max` that is not an int (>= 2,
+        >= 1), a `seed` that is not an int in [0, 2**32) or None, or `conv_specs` that is not a
+        `ConvSpec` or a mapping to them.
 
     Example:
         >>> import jax.numpy as jnp
@@ -175,9 +185,15 @@ def decompose_tree(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
-    if not isinstance(tt_order, int) or tt_order < 2:
+    if not _is_int(tt_order) or tt_order < 2:
         raise ValueError(f"tt_order must be an int >= 2, got {tt_order!r}")
+    tt_order = int(tt_order)
+    if n_iter_max is not None:
+        n_iter_max = _check_iters(n_iter_max)
+    seed = _check_seed(seed)
     _svd_method(svd)
+    if conv_specs is not None and not isinstance(conv_specs, (ConvSpec, Mapping)):
+        _spec_for(conv_specs, "")
     rule = as_rule(ranks)
     chosen = set(selected_paths(params, where))
     targets: dict[str, tuple[str, Any]] = {}
@@ -251,7 +267,7 @@ def map_factors(
       The tree with the factors replaced.
 
     Raises:
-      ValueError: if `where` selects no factorized leaf.
+      ValueError: if `fn` is not callable or `where` selects no factorized leaf.
 
     Example:
         >>> import jax.numpy as jnp
@@ -260,6 +276,9 @@ def map_factors(
         >>> float(halved["Dense_0"]["kernel"].materialize()[0, 0])
         0.25
     """
+    if not callable(fn):
+        raise ValueError(f"map_factors: fn must be callable, got {fn!r}")
+
     def on_leaf(path: str, leaf: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda kp, x: fn(f"{path}/{key_path_str(kp)}", x) if with_path else fn(x),

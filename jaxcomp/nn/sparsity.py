@@ -34,6 +34,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcomp.sparsity.ste import straight_through_mask
@@ -82,12 +83,20 @@ class ActivationSparsity:
             raise ValueError(
                 f"ActivationSparsity needs exactly one of top_k, keep_fraction, threshold; got "
                 f"{given or 'none'}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(
-                self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
-        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+        if self.top_k is not None:
+            if (isinstance(self.top_k, (bool, np.bool_)) or not isinstance(self.top_k, (int, np.integer))
+                    or self.top_k < 1):
+                raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if self.keep_fraction is not None and (
+                isinstance(self.keep_fraction, (bool, np.bool_))
+                or not isinstance(self.keep_fraction, (int, float, np.integer, np.floating))
+                or not 0.0 < self.keep_fraction <= 1.0):
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
-        if self.threshold is not None and not math.isfinite(self.threshold):
+        if self.threshold is not None and (
+                isinstance(self.threshold, (bool, np.bool_))
+                or not isinstance(self.threshold, (int, float, np.integer, np.floating))
+                or not math.isfinite(self.threshold)):
             raise ValueError(f"threshold must be finite, got {self.threshold!r}")
         if self.by not in ("magnitude", "value"):
             raise ValueError(f"by must be 'magnitude' or 'value', got {self.by!r}")
@@ -128,7 +137,8 @@ def sparsify_activation(x: jax.Array, config: ActivationSparsity,
       of exact zeros in y.
 
     Raises:
-      ValueError: if `axis` is out of range for `x`, naming `path`.
+      ValueError: naming `path`, if `axis` is out of range for `x`, `x` is empty or not a float
+        array, or `config` is not an `ActivationSparsity`.
 
     Example:
         >>> y, s = sparsify_activation(jnp.array([[1., -3., 2., 0.5]]),
@@ -136,9 +146,19 @@ def sparsify_activation(x: jax.Array, config: ActivationSparsity,
         >>> y, float(s)
         (Array([[ 0., -3.,  2.,  0.]], dtype=float32), 0.5)
     """
+    if not isinstance(config, ActivationSparsity):
+        raise ValueError(f"{path or 'output'}: config must be an ActivationSparsity, got "
+                         f"{type(config).__name__}")
+    x = jnp.asarray(x) if isinstance(x, (list, tuple)) else x
+    if not hasattr(x, "ndim") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{path or 'output'}: expected a float activation array, got "
+                         f"{type(x).__name__} {getattr(x, 'dtype', '')}")
     if not -x.ndim <= config.axis < x.ndim:
         raise ValueError(f"{path or 'output'}: axis={config.axis} is out of range for an "
                          f"activation of shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{path or 'output'}: an empty activation (shape {x.shape}) has no "
+                         "sparsity to measure")
     score = jnp.abs(x) if config.by == "magnitude" else x
     if config.threshold is not None:
         keep = score > config.threshold

@@ -31,12 +31,19 @@ from jaxcomp.sparsity._select import lowest_k
 __all__ = ["RigL", "SET", "drop_and_grow"]
 
 
+def _positive_int(value: object) -> bool:
+    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+            and 1 <= value < 2**31)
+
+
 def _check(name: str, update_every: int, end_step: int, drop_fraction: float) -> None:
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    if not _positive_int(update_every):
         raise ValueError(f"{name}: update_every must be a positive int, got {update_every!r}")
-    if isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1:
-        raise ValueError(f"{name}: end_step must be a positive int, got {end_step!r}")
-    if not 0.0 < drop_fraction < 1.0:
+    if not _positive_int(end_step):
+        raise ValueError(f"{name}: end_step must be a positive int below 2**31, got {end_step!r}")
+    if (isinstance(drop_fraction, (bool, np.bool_))
+            or not isinstance(drop_fraction, (int, float, np.integer, np.floating))
+            or not 0.0 < drop_fraction < 1.0):
         raise ValueError(f"{name}: drop_fraction must be in (0, 1), got {drop_fraction!r}")
 
 
@@ -50,6 +57,8 @@ class _DropAndGrow:
 
     def __post_init__(self):
         _check(type(self).__name__, self.update_every, self.end_step, self.drop_fraction)
+        object.__setattr__(self, "update_every", int(self.update_every))
+        object.__setattr__(self, "end_step", int(self.end_step))
 
     def fraction(self, step: jax.typing.ArrayLike) -> jax.Array:
         """Cosine-decayed drop fraction at `step`."""

@@ -56,8 +56,10 @@ def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") ->
 
 
 def _check_step(value: int, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    # Steps count in int32 (the wrapper's state and jnp step arrays).
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+            or not 0 <= value < 2**31):
+        raise ValueError(f"{what} must be an int in [0, 2**31), got {value!r}")
     return int(value)
 
 
@@ -168,8 +170,10 @@ def polynomial_sparsity(
     end = _check_step(end_step, "end_step")
     if end < begin:
         raise ValueError(f"end_step={end} precedes begin_step={begin}")
-    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+    if (isinstance(frequency, (bool, np.bool_)) or not isinstance(frequency, (int, np.integer))
+            or frequency < 1):
         raise ValueError(f"frequency must be a positive int, got {frequency!r}")
+    frequency = int(frequency)
     if not power > 0:
         raise ValueError(f"power must be positive, got {power!r}")
     span = max(end - begin, 1)

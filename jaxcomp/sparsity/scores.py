@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcomp.tree import assert_same_structure, leaves_with_paths
+
 __all__ = [
     "Magnitude",
     "Movement",
@@ -47,9 +49,17 @@ __all__ = [
 ]
 
 
-def _need_grads(name: str, grads: Any) -> None:
+def _need_grads(name: str, grads: Any, params: Any = None) -> None:
     if grads is None:
         raise ValueError(f"{name} scores need gradients: pass grads= (prune() passes them itself)")
+    if params is None:
+        return
+    # Gradients of another shape would broadcast against the weights: a silently wrong score.
+    assert_same_structure(params, grads, what="the gradients")
+    for (path, p), g in zip(leaves_with_paths(params), jax.tree.leaves(grads)):
+        if jnp.shape(p) != jnp.shape(g):
+            raise ValueError(f"{path}: {name} needs gradients of the weights' shape {jnp.shape(p)}, "
+                             f"got {jnp.shape(g)}")
 
 
 class Score(abc.ABC):
@@ -136,7 +146,7 @@ class Saliency(Score):
     needs_grads = True
 
     def __call__(self, params, grads, state, key):
-        _need_grads("Saliency", grads)
+        _need_grads("Saliency", grads, params)
         return jax.tree.map(lambda p, g: jnp.abs(p * g), params, grads)
 
 
@@ -161,7 +171,7 @@ class Movement(Score):
         return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def accumulate(self, state, params, grads):
-        _need_grads("Movement", grads)
+        _need_grads("Movement", grads, params)
         return jax.tree.map(lambda s, p, g: s - (p * g).astype(jnp.float32), state, params, grads)
 
     def __call__(self, params, grads, state, key):
@@ -197,7 +207,7 @@ class Taylor(Score):
         return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def accumulate(self, state, params, grads):
-        _need_grads("Taylor", grads)
+        _need_grads("Taylor", grads, params)
         # sqrt(decay * s^2 + (1 - decay) * (w g)^2) by hypot, which scales instead of squaring.
         return jax.tree.map(
             lambda s, p, g: jnp.hypot(math.sqrt(self.decay) * s, math.sqrt(1 - self.decay)

@@ -18,6 +18,7 @@ from jax.extend import core as jex
 
 from jaxcomp.structured import _walk
 from jaxcomp.structured.groups import ChannelGroup, _components, walk_function
+from jaxcomp.structured.importance import _check_groups
 
 __all__ = ["activation_importance"]
 
@@ -78,7 +79,8 @@ def activation_importance(
       ``{group name: scores}`` (higher is more important).
 
     Raises:
-      ValueError: on an unknown `kind`, no batch, or batches of different shapes.
+      ValueError: on an unknown `kind`, no batch, an empty batch, or batches of different
+        shapes.
 
     Example:
         >>> params = {"a": {"kernel": jnp.array([[1.0, -1.0, 2.0]])},
@@ -90,11 +92,25 @@ def activation_importance(
     """
     if kind not in ("mean", "apoz"):
         raise ValueError(f"activation_importance: kind must be 'mean' or 'apoz', got {kind!r}")
-    iterator = iter(batches)
+    groups = _check_groups("activation_importance", groups)
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise ValueError(
+            "activation_importance: batches must be an iterable of inputs (e.g. a list of "
+            f"arrays), got {type(batches).__name__}"
+        ) from None
     try:
         first = _as_args(next(iterator))
     except StopIteration:
         raise ValueError("activation_importance: batches is empty") from None
+    empty = [np.shape(x) for x in jax.tree.leaves(first) if np.size(x) == 0]
+    if empty:
+        # A mean over no element is NaN, which would then read as a score.
+        raise ValueError(
+            f"activation_importance: the first batch has empty inputs of shapes {empty}; "
+            "pass batches with at least one example"
+        )
     closed, paths, _, _, labels, st = walk_function(apply_fn, tree, first, collect_taps=True)
     comp, _ = _components(st)
     owner: dict[int, tuple[int, int]] = {}
@@ -123,6 +139,12 @@ def activation_importance(
         totals = [jnp.zeros(g.size, jnp.float32) for g in groups]
         for tap, pos, gidx, cidx in plans:
             a = got[tap.var]
+            if a.size == 0:  # static shapes: an activation with no element averages to NaN
+                raise ValueError(
+                    f"activation_importance: the activation read for group "
+                    f"{groups[int(gidx[0])].name!r} has shape {a.shape}, with no element to "
+                    "average; pass non-empty batches"
+                )
             stat = jnp.abs(a) if kind == "mean" else (a == 0)
             axes = tuple(d for d in range(a.ndim) if d != tap.axis)
             per_position = jnp.mean(stat.astype(jnp.float32), axis=axes)[pos]

@@ -43,6 +43,10 @@ def member_slices(leaf: jax.Array, member: GroupMember) -> jax.Array:
     Returns:
       Row `c` holds every element of `leaf` at the positions channel `c` owns along the axis.
 
+    Raises:
+      ValueError: if `leaf` has another size along the member's axis than the groups expect
+        (a tree other than the one the groups were computed on, or gradients of another shape).
+
     Example:
         >>> from jaxcomp.structured.groups import GroupMember
         >>> m = GroupMember("w", 1, 3, np.array([[0], [2]]), "out")
@@ -50,12 +54,40 @@ def member_slices(leaf: jax.Array, member: GroupMember) -> jax.Array:
         Array([[0., 3.],
                [2., 5.]], dtype=float32)
     """
-    taken = jnp.take(jnp.asarray(leaf), member.indices.ravel(), axis=member.axis, mode="clip")
+    leaf = jnp.asarray(leaf)
+    _check_leaf("member_slices", "leaf", leaf, member)
+    taken = jnp.take(leaf, member.indices.ravel(), axis=member.axis, mode="clip")
     return jnp.moveaxis(taken, member.axis, 0).reshape(member.indices.shape[0], -1)
+
+
+def _check_leaf(fn: str, what: str, leaf: Any, member: GroupMember) -> None:
+    """Raises unless `leaf` has the member's axis at the size the groups were computed with."""
+    shape = np.shape(leaf)
+    if len(shape) <= member.axis or shape[member.axis] != member.axis_size:
+        found = shape[member.axis] if len(shape) > member.axis else "no such axis"
+        raise ValueError(
+            f"{fn}: {what} {member.path!r} has shape {shape} ({found} along axis "
+            f"{member.axis}); the groups expect {member.axis_size} along axis {member.axis} "
+            "(pass the tree the groups were computed on; was it already pruned?)"
+        )
 
 
 def _matrices(path: str, leaf: Any) -> bool:
     return np.ndim(leaf) >= 2
+
+
+def _check_groups(fn: str, groups: Any) -> list[ChannelGroup]:
+    """The groups as a list, or a ValueError when they are not channel groups."""
+    try:
+        out = list(groups)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(g, ChannelGroup) for g in out):
+        raise ValueError(
+            f"{fn}: groups must be the ChannelGroups from channel_groups, got "
+            f"{type(groups).__name__}"
+        )
+    return out
 
 
 def _chosen(tree: Any, where: Where) -> set[str]:
@@ -63,14 +95,17 @@ def _chosen(tree: Any, where: Where) -> set[str]:
 
 
 def _members(
-    tree: Any, groups: Sequence[ChannelGroup], where: Where
+    fn: str, tree: Any, groups: Sequence[ChannelGroup], where: Where
 ) -> list[tuple[ChannelGroup, list[tuple[GroupMember, jax.Array]]]]:
+    groups = _check_groups(fn, groups)
     leaves = path_dict(tree)
     chosen = _chosen(tree, where)
     out = []
     for group in groups:
         picked = [(m, leaves[m.path]) for m in group.members
                   if m.path in chosen and m.path in leaves]
+        for m, leaf in picked:
+            _check_leaf(fn, "leaf", leaf, m)
         if picked:
             out.append((group, picked))
     if not out:
@@ -132,12 +167,13 @@ def magnitude_importance(
         raise ValueError(f"magnitude_importance: ord must be 1 or 2, got {ord!r}")
     def score(group: ChannelGroup, picked: list[tuple[GroupMember, jax.Array]]) -> jax.Array:
         total = sum(
-            jnp.sum(jnp.abs(member_slices(leaf, m)) ** ord, axis=1, dtype=jnp.float32)
+            # In float32: |x|**2 of a float16 weight above 256 would overflow to inf.
+            jnp.sum(jnp.abs(member_slices(leaf, m).astype(jnp.float32)) ** ord, axis=1)
             for m, leaf in picked
         )
         return total if ord == 1 else jnp.sqrt(total)
 
-    return _per_group(score, _members(tree, groups, where))
+    return _per_group(score, _members("magnitude_importance", tree, groups, where))
 
 
 def bn_scale_importance(
@@ -174,7 +210,7 @@ def bn_scale_importance(
             for m, leaf in picked
         )
 
-    return _per_group(score, _members(tree, groups, where))
+    return _per_group(score, _members("bn_scale_importance", tree, groups, where))
 
 
 def taylor_importance(
@@ -206,6 +242,7 @@ def taylor_importance(
         >>> taylor_importance(params, grads, groups)["a/kernel"].shape
         (3,)
     """
+    groups = _check_groups("taylor_importance", groups)
     gmap = path_dict(grads)
     members = [m.path for g in groups for m in g.members]
     if not any(p in gmap for p in members):
@@ -220,6 +257,9 @@ def taylor_importance(
     for group in groups:
         picked = [(m, (leaves[m.path], gmap[m.path])) for m in group.members
                   if m.path in chosen and m.path in gmap and m.path in leaves]
+        for m, (w, g) in picked:
+            _check_leaf("taylor_importance", "leaf", w, m)
+            _check_leaf("taylor_importance", "grads leaf", g, m)
         # A group none of whose members the score reads is left out (kept whole), as in the
         # other scores: all-zero scores would let `select_channels` prune it by position.
         if picked:
@@ -233,8 +273,9 @@ def taylor_importance(
     def score(group: ChannelGroup, picked: list[tuple[GroupMember, Any]]) -> jax.Array:
         total = jnp.zeros(group.size, jnp.float32)
         for m, (w, g) in picked:
-            prod = member_slices(w, m) * member_slices(g, m)
-            total = total + jnp.sum(prod, axis=1, dtype=jnp.float32)
+            prod = (member_slices(w, m).astype(jnp.float32)
+                    * member_slices(g, m).astype(jnp.float32))
+            total = total + jnp.sum(prod, axis=1)
         return total**2
 
     return _per_group(score, pairs)
@@ -276,4 +317,4 @@ def fpgm_importance(
         d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * filters @ filters.T, 0.0)
         return jnp.sum(jnp.sqrt(d2), axis=1)
 
-    return _per_group(score, _members(tree, groups, where))
+    return _per_group(score, _members("fpgm_importance", tree, groups, where))

@@ -26,13 +26,16 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
       A sorted int numpy array of unique channel indices.
 
     Raises:
-      ValueError: if the mask has the wrong length, an index is out of range, or nothing is kept.
+      ValueError: if the mask has the wrong length, an index is out of range or repeated (a
+        0/1 list of ints is read as indices: pass a bool mask), or nothing is kept.
 
     Example:
         >>> from jaxcomp.structured.groups import ChannelGroup
         >>> keep_indices(ChannelGroup("g", 4, ()), [True, False, True, True]).tolist()
         [0, 2, 3]
     """
+    if not isinstance(group, ChannelGroup):
+        raise ValueError(f"keep_indices: group must be a ChannelGroup, got {type(group).__name__}")
     arr = np.asarray(jax.device_get(keep))
     if arr.size == 0:
         raise ValueError(f"keep[{group.name!r}] keeps no channel; a group keeps at least one")
@@ -55,6 +58,13 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
                 f"keep[{group.name!r}] has channel indices outside [0, {group.size}): "
                 f"{arr.tolist()}"
             )
+        if idx.size != arr.size:
+            # Most often a 0/1 mask given as ints, which reads as the indices 0 and 1.
+            values, counts = np.unique(arr, return_counts=True)
+            raise ValueError(
+                f"keep[{group.name!r}] repeats channel indices {values[counts > 1].tolist()} "
+                f"(got {arr.tolist()}); pass a bool mask, or distinct indices"
+            )
     if idx.size == 0:
         raise ValueError(f"keep[{group.name!r}] keeps no channel; a group keeps at least one")
     return idx
@@ -63,6 +73,17 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
 def _kept_positions(
     groups: Sequence[ChannelGroup], keep: Mapping[str, Any]
 ) -> dict[tuple[str, int], tuple[int, np.ndarray]]:
+    try:
+        groups = list(groups)
+    except TypeError:
+        groups = None
+    if groups is None or not all(isinstance(g, ChannelGroup) for g in groups):
+        raise ValueError("remove_channels: groups must be the ChannelGroups from channel_groups")
+    if not isinstance(keep, Mapping):
+        raise ValueError(
+            "remove_channels: keep must map group names to kept masks or indices, got "
+            f"{type(keep).__name__}"
+        )
     by_name = {g.name: g for g in groups}
     unknown = [name for name in keep if name not in by_name]
     if unknown:
@@ -132,8 +153,9 @@ def remove_channels(tree: Any, groups: Sequence[ChannelGroup], keep: Mapping[str
       A tree of the same structure with smaller member leaves.
 
     Raises:
-      ValueError: if `keep` names an unknown group or keeps nothing in a group, or a member
-        leaf is missing from `tree` or has another size than when the groups were found.
+      ValueError: if `keep` names an unknown group, keeps nothing in a group or repeats an
+        index (see `keep_indices`), or a member leaf is missing from `tree` or has another size
+        than when the groups were found.
 
     Example:
         >>> params = {"a": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},

@@ -27,17 +27,28 @@ def _check_ratio(value: Any, what: str) -> float:
     return value
 
 
+def _check_count(value: Any, what: str) -> int:
+    """`value` as a Python int >= 1 (NumPy integers accepted), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int = 1) -> int:
     """Channels kept when removing `ratio` of `size`: rounded up to a multiple, at least a minimum.
 
     Args:
-      size: channels in the group.
+      size: channels in the group (an integer >= 1).
       ratio: fraction removed, in [0, 1).
-      min_channels: the fewest kept (capped at `size`).
-      round_to: the kept count is rounded up to a multiple of this (capped at `size`).
+      min_channels: the fewest kept (>= 1, capped at `size`).
+      round_to: the kept count is rounded up to a multiple of this (>= 1, capped at `size`).
 
     Returns:
       The number of channels kept.
+
+    Raises:
+      ValueError: if `size`, `min_channels` or `round_to` is not an integer >= 1, or `ratio` is
+        not a number in [0, 1).
 
     Example:
         >>> kept_count(120, 0.5), kept_count(84, 0.5, round_to=8)
@@ -45,6 +56,10 @@ def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int 
         >>> kept_count(6, 0.9, min_channels=2)
         2
     """
+    size = _check_count(size, "kept_count: size")
+    ratio = _check_ratio(ratio, "kept_count: ratio")
+    min_channels = _check_count(min_channels, "kept_count: min_channels")
+    round_to = _check_count(round_to, "kept_count: round_to")
     keep = size - math.floor(ratio * size + 1e-9)
     # The minimum counts before rounding, so the result stays a multiple of round_to (unless
     # capped at size).
@@ -76,12 +91,19 @@ def _ratios(groups: Sequence[ChannelGroup], ratio: Any) -> dict[str, float]:
 def _host_scores(
     groups: Sequence[ChannelGroup], scores: Mapping[str, Any]
 ) -> dict[str, np.ndarray]:
+    if not isinstance(scores, Mapping):
+        raise ValueError(
+            "select_channels: scores must map group names to scores (from an importance "
+            f"function), got {type(scores).__name__}"
+        )
     names = {g.name: g for g in groups}
     unknown = [k for k in scores if k not in names]
     if unknown:
         raise ValueError(f"scores name unknown groups {unknown}; groups: {list(names)}")
     out = {}
     for name, value in jax.device_get(dict(scores)).items():
+        if np.iscomplexobj(value):
+            raise ValueError(f"scores[{name!r}] must be real, got {np.asarray(value).dtype}")
         arr = np.asarray(value, np.float64)
         if arr.shape != (names[name].size,):
             raise ValueError(
@@ -138,11 +160,16 @@ def select_channels(
         >>> select_channels([g], {"g": jnp.array([3.0, 1.0, 2.0, 0.5])}, ratio=0.5)["g"].tolist()
         [True, False, True, False]
     """
+    try:
+        groups = list(groups)
+    except TypeError:
+        groups = None
+    if groups is None or not all(isinstance(g, ChannelGroup) for g in groups):
+        raise ValueError("select_channels: groups must be the ChannelGroups from channel_groups")
     if scope not in ("group", "global"):
         raise ValueError(f"scope must be 'group' or 'global', got {scope!r}")
-    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    min_channels = _check_count(min_channels, "min_channels")
+    round_to = _check_count(round_to, "round_to")
     if scope == "global" and isinstance(ratio, Mapping):
         raise ValueError("scope='global' takes one ratio, not a mapping of ratios")
     host = _host_scores(groups, scores)

@@ -11,6 +11,8 @@ import jaxcomp
 from jaxcomp.decompose import (
     CPKernel,
     ConvSpec,
+    SVDKernel,
+    TTKernel,
     Tucker2Kernel,
     cp_conv,
     decompose_cp,
@@ -102,8 +104,30 @@ def test_wrong_input_features_raise():
     """An input whose channel count differs from the kernel's raises ValueError."""
     with pytest.raises(ValueError, match="features"):
         tucker2_conv(X[..., :5], decompose_tucker2(KERNEL, 2))
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="expects a factorized kernel .* got ArrayImpl"):
         factorized_apply(X, jnp.ones((3, 3, 6, 5)))
+
+
+def test_apply_functions_reject_the_wrong_kernel_class_and_scalar_inputs():
+    """Another kernel class or a scalar input is a ValueError naming what is expected
+    (regression: AttributeError and IndexError from inside)."""
+    svd = SVDKernel(jnp.ones((6, 2)), jnp.ones((2, 4)))
+    tt = TTKernel((jnp.ones((1, 2, 2, 2)), jnp.ones((2, 3, 2, 1))), in_modes=(2, 3),
+                  out_modes=(2, 2))
+    with pytest.raises(ValueError, match=r"svd_dense expects a SVDKernel kernel, got TTKernel "
+                                         r"\(a TTKernel runs with tt_dense\)"):
+        svd_dense(jnp.ones((1, 6)), tt)
+    with pytest.raises(ValueError, match="tt_dense expects a TTKernel kernel, got SVDKernel"):
+        tt_dense(jnp.ones((1, 6)), svd)
+    with pytest.raises(ValueError, match="tucker2_conv expects a Tucker2Kernel kernel"):
+        tucker2_conv(X, svd)
+    with pytest.raises(ValueError, match="cp_conv expects a CPKernel kernel, got ArrayImpl"):
+        cp_conv(X, jnp.ones((3, 3, 6, 5)))
+    for fn, leaf in ((svd_dense, svd), (tt_dense, tt)):
+        with pytest.raises(ValueError, match="scalar"):
+            fn(jnp.float32(1.0), leaf)
+        with pytest.raises(ValueError, match="must be an array, got NoneType"):
+            fn(None, leaf)
 
 
 def conv_flops_input():

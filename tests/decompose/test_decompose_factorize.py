@@ -41,10 +41,14 @@ def test_conv_spec_normalises_flax_style_arguments():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"strides": 0}, {"dilation": (1, 2, 3)}, {"padding": "CAUSAL"}, {"padding": [1, 2, 3]}]
+    "kwargs",
+    [{"strides": 0}, {"dilation": (1, 2, 3)}, {"padding": "CAUSAL"}, {"padding": [1, 2, 3]},
+     {"strides": 2.0}, {"strides": (2, 1.5)}, {"padding": 1.5}, {"padding": ((1, 1.5), 0)},
+     {"dilation": True}],
 )
 def test_conv_spec_rejects_bad_values(kwargs):
-    """A stride of 0, a 3-D dilation, CAUSAL padding or three pad pairs raise ValueError."""
+    """A stride of 0, a 3-D dilation, CAUSAL padding, three pad pairs, or float strides and pads
+    (regression: TypeError, or silently truncated) raise ValueError."""
     with pytest.raises(ValueError, match="ConvSpec"):
         ConvSpec(**kwargs)
 
@@ -172,6 +176,14 @@ def test_decompositions_are_deterministic():
         (lambda: decompose_svd(np.ones((4, 4), np.int32), 2), "floating point"),
         (lambda: decompose_svd(np.ones((0, 4), np.float32), 1), r"empty kernel of shape \(0, 4\)"),
         (lambda: decompose_tt(DENSE, 2, in_modes=(5, 2), out_modes=(2, 4)), "do not factor"),
+        (lambda: decompose_svd(None, 2), "kernel must be an array, got NoneType"),
+        (lambda: decompose_tt(DENSE, 2, in_modes=12, out_modes=8), "in_modes must be a sequence"),
+        (lambda: decompose_tt(DENSE, 2, in_modes=(3.0, 4.0), out_modes=(2, 4)), "in_modes"),
+        (lambda: decompose_tt(DENSE, 2, order=2.0), r"order must be an int >= 2, got 2\.0"),
+        (lambda: decompose_tucker2(CONV, 2, n_iter_max=0), "n_iter_max must be an int >= 1"),
+        (lambda: decompose_tucker2(CONV, 2, n_iter_max=2.5), "n_iter_max .* got 2.5"),
+        (lambda: decompose_cp(CONV, 2, seed="a"), "seed must be an int"),
+        (lambda: decompose_tucker2(CONV, 2, spec="SAME"), "spec must be a ConvSpec"),
     ],
 )
 def test_bad_kernels_raise_value_error_naming_the_kernel(call, match):
@@ -185,6 +197,10 @@ def test_balanced_modes_factor_the_size():
     for n, order in [(4096, 3), (784, 3), (300, 2), (13, 3)]:
         modes = balanced_modes(n, order)
         assert len(modes) == order and math.prod(modes) == n
+    assert balanced_modes(np.int64(12), np.int64(2)) == (4, 3)
+    for n, order in [(12.0, 2), (12, 2.0), (True, 2)]:
+        with pytest.raises(ValueError, match="must be an int"):
+            balanced_modes(n, order)
 
 
 def test_hand_built_leaves_report_shapes():

@@ -48,7 +48,8 @@ def planted(rows, cols, rank, noise, rng, strength=8.0):
     "rule", [lambda: FixedRank(0), lambda: FixedRank((2, -1)), lambda: FixedRank(True),
              lambda: FixedRank(2.5), lambda: FixedRank(None), lambda: FixedRank("2"),
              lambda: RankRatio(0.0), lambda: ParamRatio(1.5), lambda: Energy(0.0),
-             lambda: VBMF(sigma2=-1.0), lambda: ParamBudget(0), lambda: FlopBudget(10, {"a": 0})],
+             lambda: VBMF(sigma2=-1.0), lambda: ParamBudget(0), lambda: FlopBudget(10, {"a": 0}),
+             lambda: VBMF(sigma2="1"), lambda: ParamBudget(True)],
 )
 def test_invalid_rules_raise_at_construction(rule):
     """Rank 0, negative ranks, bools, fractions outside (0, 1], sigma2 <= 0 and empty budgets raise."""
@@ -87,6 +88,27 @@ def test_energy_rank_keeps_the_threshold_of_the_squared_norm():
     """energy_rank is the smallest r whose leading singular values hold the threshold of s**2."""
     s = np.array([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
     assert [energy_rank(s, t) for t in (0.5, 0.72, 0.73, 0.95, 1.0)] == [1, 1, 2, 3, 4]
+    assert energy_rank(list(s), np.float32(0.5)) == 1
+
+
+@pytest.mark.parametrize(
+    "spectrum, threshold, match",
+    [
+        (np.array([3.0, 1.0]), 0.0, r"threshold must be a number in \(0, 1\], got 0"),
+        (np.array([3.0, 1.0]), 1.5, "threshold .* got 1.5"),
+        (np.array([3.0, 1.0]), None, "threshold"),
+        (np.array([]), 0.9, "non-empty 1-D"),
+        (None, 0.9, "non-empty 1-D"),
+        (np.ones((2, 2)), 0.9, "non-empty 1-D"),
+        (np.array([np.nan, 1.0]), 0.9, "finite values >= 0"),
+        (np.array([-3.0, 1.0]), 0.9, "finite values >= 0"),
+    ],
+)
+def test_energy_rank_rejects_bad_spectra_and_thresholds(spectrum, threshold, match):
+    """Regression: an empty spectrum raised IndexError; NaN, negative values, None or a threshold
+    outside (0, 1] gave a rank silently."""
+    with pytest.raises(ValueError, match=match):
+        energy_rank(spectrum, threshold)
 
 
 @settings(max_examples=20, deadline=None)
@@ -239,6 +261,17 @@ def test_unreachable_budgets_and_missing_flops_raise():
 
     with pytest.raises(ValueError, match="c: a ParamBudget needs singular values"):
         allocate_ranks({"c": CPModel(CONV)}, ParamBudget(total=100))
+
+
+def test_allocate_ranks_names_a_params_tree_passed_for_rank_models():
+    """A params dict instead of rank models (regression: AttributeError 'spectra') or a rank
+    instead of a budget is a ValueError pointing at decompose_tree."""
+    with pytest.raises(ValueError, match=r"models\['d'\] must be a rank model .*decompose_tree"):
+        allocate_ranks({"d": {"kernel": DENSE}}, ParamBudget(total=30))
+    with pytest.raises(ValueError, match="models must be a non-empty mapping"):
+        allocate_ranks(None, ParamBudget(total=30))
+    with pytest.raises(ValueError, match="budget must be a ParamBudget or FlopBudget, got 2"):
+        allocate_ranks({"d": SVDModel(DENSE)}, 2)
 
 
 def test_warning_when_factors_are_not_smaller():

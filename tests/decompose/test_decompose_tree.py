@@ -71,6 +71,11 @@ def test_already_factorized_kernels_are_left_alone():
         ({"ranks": 2.5}, "not a rank rule"),
         ({"ranks": 2, "method": "tt", "tt_order": 1}, "tt_order"),
         ({"ranks": Energy(0.9), "method": "cp"}, "Conv_0/kernel: Energy ranks need singular values"),
+        ({"ranks": 2, "conv_specs": "SAME"}, "conv_specs must be a ConvSpec or a mapping"),
+        ({"ranks": 2, "n_iter_max": 0}, "n_iter_max must be an int >= 1, got 0"),
+        ({"ranks": 2, "n_iter_max": 2.5}, "n_iter_max"),
+        ({"ranks": 2, "seed": "a"}, "seed must be an int"),
+        ({"ranks": 2, "method": "tt", "tt_order": 2.0}, "tt_order"),
     ],
 )
 def test_bad_requests_raise_value_error(kwargs, match):
@@ -126,6 +131,8 @@ def test_map_factors_reaches_every_factor_with_its_path():
     chex.assert_trees_all_equal(out["Dense_1"]["bias"], tree["Dense_1"]["bias"])
     with pytest.raises(ValueError, match="no factorized leaf"):
         map_factors(lambda f: f, PARAMS)
+    with pytest.raises(ValueError, match="fn must be callable, got None"):
+        map_factors(None, tree)
 
 
 def test_fine_tuning_the_factors_with_optax():

@@ -95,6 +95,33 @@ def test_activation_importance_mean_and_apoz():
         activation_importance(_f, P, GROUPS, [X], kind="median")
     with pytest.raises(ValueError, match="empty"):
         activation_importance(_f, P, GROUPS, [])
+    with pytest.raises(ValueError, match=r"empty inputs of shapes \[\(0, 2\)\]"):
+        activation_importance(_f, P, GROUPS, [X[:0]])  # a mean over nothing would be NaN
+    with pytest.raises(ValueError, match="iterable"):
+        activation_importance(_f, P, GROUPS, None)
+
+
+def test_scores_reject_leaves_of_another_size_than_the_groups():
+    """A tree or gradients whose member axis differs from the groups' (regression: clipped
+    indices duplicated the last channel) is an error naming path, axis and both sizes."""
+    wide = dict(P, a=jnp.ones((2, 6)))
+    match = r"leaf 'a' has shape \(2, 6\) \(6 along axis 1\); the groups expect 4"
+    for score in (magnitude_importance, fpgm_importance):
+        with pytest.raises(ValueError, match=match):
+            score(wide, GROUPS)
+    with pytest.raises(ValueError, match=match):
+        taylor_importance(wide, P, GROUPS)
+    with pytest.raises(ValueError, match=r"grads leaf 'c' has shape \(3, 1\)"):
+        taylor_importance(P, dict(P, c=jnp.ones((3, 1))), GROUPS)
+    with pytest.raises(ValueError, match="ChannelGroups"):
+        magnitude_importance(P, None)
+
+
+def test_magnitude_of_float16_weights_does_not_overflow():
+    """|w|**2 is summed in float32: 1000**2 is past float16's range (regression: inf)."""
+    p = jax.tree.map(lambda x: (x * 1000).astype(jnp.float16), P)
+    scores = magnitude_importance(p, GROUPS)[NAME]
+    np.testing.assert_allclose(scores, 1000 * np.sqrt([3.0, 9.0, 4.0, 10.0]), rtol=1e-3)
 
 
 def test_taylor_needs_gradients_on_the_group_paths():
@@ -202,7 +229,8 @@ def test_select_rejects_bad_scores():
     """Scores of the wrong shape, NaNs or unknown groups are errors, not silent choices."""
     g = ChannelGroup("g", 4, ())
     for scores, match in [({"g": jnp.ones(3)}, "shape"), ({"g": jnp.array([1.0, jnp.nan, 1, 1])},
-                          "non-finite"), ({"h": jnp.ones(4)}, "unknown groups")]:
+                          "non-finite"), ({"h": jnp.ones(4)}, "unknown groups"),
+                         ({"g": jnp.ones(4) * 1j}, "must be real"), (None, "must map")]:
         with pytest.raises(ValueError, match=match):
             select_channels([g], scores, ratio=0.5)
 
@@ -211,7 +239,9 @@ def test_remove_rejects_bad_keep_and_stale_trees():
     """Keeping nothing, a wrong mask, an unknown group or an already-cut tree are errors."""
     small = remove_channels(P, GROUPS, {NAME: [0, 1]})
     for keep, match in [({NAME: []}, "keeps no channel"), ({NAME: np.ones(3, bool)}, "mask"),
-                        ({"z": [0]}, "unknown groups"), ({NAME: [0, 9]}, "outside")]:
+                        ({"z": [0]}, "unknown groups"), ({NAME: [0, 9]}, "outside"),
+                        ({NAME: [1, 0, 1, 0]}, "repeats channel indices .*bool mask"),
+                        ({NAME: [2, 2]}, "repeats")]:
         with pytest.raises(ValueError, match=match):
             remove_channels(P, GROUPS, keep)
     with pytest.raises(ValueError, match="already pruned"):
@@ -254,3 +284,24 @@ def test_kept_count_rounds_after_the_minimum():
     assert kept_count(7, 0.9, min_channels=3, round_to=2) == 4
     assert kept_count(7, 0.9, min_channels=7, round_to=4) == 7  # capped at the size
     assert kept_count(64, 0.5, min_channels=3, round_to=8) == 32
+    assert kept_count(np.int64(8), 0.5, round_to=np.int64(4)) == 4
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((0, 0.5), {}, "size must be an integer >= 1, got 0"),
+        ((8.5, 0.5), {}, "size .* got 8.5"),
+        ((8, 1.5), {}, r"ratio must be in \[0, 1\), got 1.5"),
+        ((8, -0.5), {}, "ratio"),
+        ((8, None), {}, "ratio must be a number"),
+        ((8, 0.5), {"round_to": 0}, "round_to must be an integer >= 1, got 0"),
+        ((8, 0.5), {"round_to": 2.5}, "round_to"),
+        ((8, 0.9), {"min_channels": 0}, "min_channels must be an integer >= 1, got 0"),
+    ],
+)
+def test_kept_count_rejects_bad_arguments(args, kwargs, match):
+    """Each argument is validated with its name and value (regression: round_to=0 divided by
+    zero, a ratio of 1.5 kept one channel)."""
+    with pytest.raises(ValueError, match=match):
+        kept_count(*args, **kwargs)

@@ -1,0 +1,43 @@
+"""Bad input across the sparsity API: a ValueError naming it; NumPy ints accepted as ints."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcomp.sparsity as sp
+from jaxcomp.nn.sparsity import ActivationSparsity, sparsify_activation
+
+P = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
+
+
+def test_numpy_ints_are_ints():
+    """Schedules, SET/RigL and activation sparsity take NumPy integers where they take ints."""
+    schedule = sp.polynomial_sparsity(0.5, begin_step=np.int64(0), end_step=np.int64(4),
+                                      frequency=np.int64(2))
+    assert float(schedule(4)) == 0.5
+    rigl = sp.RigL(update_every=np.int64(10), end_step=np.int64(100))
+    assert type(rigl.update_every) is int and type(rigl.end_step) is int
+    assert ActivationSparsity(where="", top_k=np.int64(2)).top_k == 2
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sp.polynomial_sparsity(0.5, begin_step=0, end_step=2**31), "end_step must be an int in"),
+        (lambda: sp.iterative_sparsity([2**31], [0.5]), "must be an int in"),
+        (lambda: sp.RigL(end_step=2**31), "end_step must be a positive int below 2\\*\\*31"),
+        (lambda: sp.SET(drop_fraction="0.3"), "drop_fraction must be in"),
+        (lambda: ActivationSparsity(where="", keep_fraction="0.5"), "keep_fraction must be in"),
+        (lambda: ActivationSparsity(where="", threshold="1"), "threshold"),
+        (lambda: sp.saliency_scores(P, {"w": jnp.ones((2, 1))}), "w: Saliency needs gradients"),
+        (lambda: sp.straight_through_mask(jnp.ones(2), jnp.ones((3, 2), bool)), "does not match"),
+        (lambda: sparsify_activation(jnp.zeros((0, 4)), ActivationSparsity(where="", top_k=1),
+                                     path="act"), "act: an empty activation"),
+        (lambda: sparsify_activation(jnp.ones((2, 4), jnp.int32),
+                                     ActivationSparsity(where="", top_k=1), path="act"),
+         "act: expected a float activation"),
+    ],
+)
+def test_bad_input_is_a_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
