@@ -436,3 +436,18 @@ def test_linen_calibration_of_layers_inside_nn_scan_says_why_it_cannot():
     shared = quantize_tree(variables["params"], QuantSpec(channel_axes=(-1,)), where=r".*kernel")
     with pytest.raises(ValueError, match=r"inside nn.scan .*channel_axes=\(0, -1\)"):
         serve({"params": shared}, x)
+
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=None, axis_size=3)
+            return dense(4)(x)
+
+    ensemble = Ensemble()
+    params = ensemble.init(jax.random.key(0), x)["params"]
+    shared = quantize_tree(params, QuantSpec(channel_axes=(-1,)), where=r".*kernel")
+    with pytest.raises(ValueError, match=r"inside nn.vmap .*channel_axes=\(0, -1\)"):
+        serve_linen(ensemble)({"params": shared}, x)
+    per_member = quantize_tree(params, QuantSpec(channel_axes=(0, -1)), where=r".*kernel")
+    assert serve_linen(ensemble)({"params": per_member}, x).shape == (3, 2, 4)

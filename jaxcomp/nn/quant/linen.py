@@ -354,11 +354,14 @@ def serve_linen(
             with nn.intercept_methods(interceptor):
                 return model.apply(variables, *args, **kwargs)
         except ValueError as e:
-            if not ("scan got" in str(e) and "length" in str(e)):
+            message = str(e)
+            lifted = ("nn.scan" if "scan got" in message and "length" in message else
+                      "nn.vmap" if "vmap got inconsistent sizes" in message else None)
+            if lifted is None:
                 raise
             raise ValueError(
-                "serve_linen: a layer inside nn.scan has a QArray kernel whose scales are shared "
-                "across the stacked layers, so the scan cannot slice them; quantize scanned "
+                f"serve_linen: a layer inside {lifted} has a QArray kernel whose scales are shared "
+                "across the stacked layers, so the transform cannot slice them; quantize stacked "
                 "kernels per layer, keeping the stacking axis 0 in the spec (e.g. "
                 "QuantSpec(channel_axes=(0, -1)) with where= selecting them)") from e
 
