@@ -21,7 +21,9 @@ import numpy as np
 __all__ = [
     "CompressedLeaf",
     "bit_width",
+    "checkpointable",
     "compressed_leaf",
+    "from_checkpointable",
     "is_compressed",
     "materialize",
     "static_field",
@@ -263,3 +265,71 @@ def leaf_dtype(leaf: Any) -> Any:
                 f"({e}); store it as a NumPy int64 or float, or enable x64"
             ) from e
     return np.asarray(leaf).dtype
+
+
+def _unsigned_sub_byte() -> dict[np.dtype, np.dtype]:
+    return {np.dtype(jnp.uint4): np.dtype(jnp.int4), np.dtype(jnp.uint2): np.dtype(jnp.int2)}
+
+
+def checkpointable(tree: Any) -> Any:
+    """`tree` with every uint4 / uint2 array re-typed as int4 / int2 holding the same bits.
+
+    Orbax's TensorStore backend writes int4 and int2 but not their unsigned forms, which hold
+    4-bit codebook indices and unsigned 4- and 2-bit `QArray` codes. Save `checkpointable(state)`
+    and restore with `from_checkpointable(restored, like=state)`; a restore target given as
+    abstract arrays (`jax.ShapeDtypeStruct`) goes through `checkpointable` too. Other leaves,
+    shardings and the tree structure are unchanged. Works inside and outside `jax.jit`.
+
+    Example:
+        >>> tree = {"codes": jnp.array([0, 9, 15], jnp.uint4)}
+        >>> saved = checkpointable(tree)
+        >>> saved["codes"].dtype
+        dtype(int4)
+        >>> from_checkpointable(saved, like=tree)["codes"]
+        Array([0, 9, 15], dtype=uint4)
+    """
+    table = _unsigned_sub_byte()
+
+    def one(x):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (
+                np.dtype(dtype) not in table):
+            return x
+        signed = table[np.dtype(dtype)]
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, signed, sharding=x.sharding)
+        half = 1 << (bit_width(dtype) - 1)
+        v = jnp.asarray(x).astype(jnp.int32)
+        return jnp.where(v >= half, v - 2 * half, v).astype(signed)
+
+    return jax.tree.map(one, tree)
+
+
+def from_checkpointable(tree: Any, *, like: Any) -> Any:
+    """The inverse of `checkpointable`: leaves whose counterpart in `like` (the original tree, or
+    its abstract `jax.eval_shape`) is uint4 / uint2 get their unsigned values back.
+
+    Raises:
+      ValueError: if `tree` and `like` do not have the same structure.
+
+    Example:
+        >>> like = {"codes": jax.ShapeDtypeStruct((2,), jnp.uint2)}
+        >>> from_checkpointable({"codes": jnp.array([-1, 1], jnp.int2)}, like=like)["codes"]
+        Array([3, 1], dtype=uint2)
+    """
+    table = _unsigned_sub_byte()
+    try:
+        like_leaves = jax.tree.structure(tree).flatten_up_to(like)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"from_checkpointable: tree and like differ in structure: {e}") from e
+
+    def one(x, ref):
+        dtype = getattr(ref, "dtype", None)
+        if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (
+                np.dtype(dtype) not in table):
+            return x
+        mask = (1 << bit_width(dtype)) - 1
+        return (jnp.asarray(x).astype(jnp.int32) & mask).astype(dtype)
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [one(x, r) for x, r in zip(leaves, like_leaves)])

@@ -174,3 +174,30 @@ def test_leaves_shard_over_a_mesh_of_eight_devices(subprocess_runner):
         """
     )
     assert out.strip() == "ok"
+
+
+def test_unsigned_sub_byte_codes_checkpoint_with_orbax(tmp_path):
+    """Orbax cannot write uint4/uint2 (4-bit codebook indices, unsigned 4- and 2-bit codes);
+    checkpointable / from_checkpointable carry the same bits through int4/int2, bit-identically."""
+    import orbax.checkpoint as ocp
+
+    from jaxcomp.core import checkpointable, from_checkpointable
+    from jaxcomp.quant import QuantSpec, kmeans_tree, quantize_tree
+
+    params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))},
+              "b": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))}}
+    tree = {"books": kmeans_tree(params, bits=4, where=r"a/kernel"),
+            "codes": quantize_tree(params, QuantSpec(bits=2, signed=False), where=r"b/kernel"),
+            "step": jnp.int32(7)}
+    abstract = jax.eval_shape(lambda: tree)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", checkpointable(tree))
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "state", checkpointable(abstract))
+    back = from_checkpointable(restored, like=abstract)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="differ in structure"):
+        from_checkpointable(restored, like={"other": abstract})
