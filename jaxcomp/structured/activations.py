@@ -17,8 +17,7 @@ import numpy as np
 from jax.extend import core as jex
 
 from jaxcomp.structured import _walk
-from jaxcomp.structured.groups import ChannelGroup, _components, walk_function
-from jaxcomp.structured.importance import _check_groups
+from jaxcomp.structured.groups import ChannelGroup, _components, check_groups, walk_function
 
 __all__ = ["activation_importance"]
 
@@ -92,7 +91,7 @@ def activation_importance(
     """
     if kind not in ("mean", "apoz"):
         raise ValueError(f"activation_importance: kind must be 'mean' or 'apoz', got {kind!r}")
-    groups = _check_groups("activation_importance", groups)
+    groups = check_groups("activation_importance", groups)
     try:
         iterator = iter(batches)
     except TypeError:

@@ -141,6 +141,20 @@ class ChannelGroups(Sequence[ChannelGroup]):
         return "\n".join(lines)
 
 
+def check_groups(fn: str, groups: Any) -> list[ChannelGroup]:
+    """The groups as a list, or a ValueError naming `fn` when they are not channel groups."""
+    try:
+        out = list(groups)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(g, ChannelGroup) for g in out):
+        raise ValueError(
+            f"{fn}: groups must be the ChannelGroups from channel_groups, got "
+            f"{type(groups).__name__}"
+        )
+    return out
+
+
 def _abstract(tree: Any) -> Any:
     # Shapes and dtypes only: nothing runs, and the leaves' shardings do not constrain the trace.
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)

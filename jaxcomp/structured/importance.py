@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.structured.groups import ChannelGroup, GroupMember
+from jaxcomp.structured.groups import ChannelGroup, GroupMember, check_groups
 from jaxcomp.tree import Where, path_dict, selected_paths
 
 __all__ = [
@@ -76,41 +76,37 @@ def _matrices(path: str, leaf: Any) -> bool:
     return np.ndim(leaf) >= 2
 
 
-def _check_groups(fn: str, groups: Any) -> list[ChannelGroup]:
-    """The groups as a list, or a ValueError when they are not channel groups."""
-    try:
-        out = list(groups)
-    except TypeError:
-        out = None
-    if out is None or not all(isinstance(g, ChannelGroup) for g in out):
-        raise ValueError(
-            f"{fn}: groups must be the ChannelGroups from channel_groups, got "
-            f"{type(groups).__name__}"
-        )
-    return out
-
-
 def _chosen(tree: Any, where: Where) -> set[str]:
     return set(selected_paths(tree, where, allow_empty=True))
 
 
 def _members(
-    fn: str, tree: Any, groups: Sequence[ChannelGroup], where: Where
-) -> list[tuple[ChannelGroup, list[tuple[GroupMember, jax.Array]]]]:
-    groups = _check_groups(fn, groups)
+    fn: str, tree: Any, groups: Sequence[ChannelGroup], where: Where, grads: Any = None
+) -> list[tuple[ChannelGroup, list[tuple[GroupMember, Any]]]]:
+    """Per group, its members `where` selects (with their gradient, as `(leaf, grad)` pairs, when
+    `grads` is given); a group without any is left out, so `select_channels` keeps it whole."""
+    groups = check_groups(fn, groups)
     leaves = path_dict(tree)
     chosen = _chosen(tree, where)
+    gmap = None if grads is None else path_dict(grads)
     out = []
     for group in groups:
-        picked = [(m, leaves[m.path]) for m in group.members
-                  if m.path in chosen and m.path in leaves]
-        for m, leaf in picked:
-            _check_leaf(fn, "leaf", leaf, m)
+        picked = []
+        for m in group.members:
+            if m.path not in chosen or m.path not in leaves or (gmap is not None and m.path not in gmap):
+                continue
+            _check_leaf(fn, "leaf", leaves[m.path], m)
+            if gmap is None:
+                picked.append((m, leaves[m.path]))
+            else:
+                _check_leaf(fn, "grads leaf", gmap[m.path], m)
+                picked.append((m, (leaves[m.path], gmap[m.path])))
         if picked:
             out.append((group, picked))
     if not out:
         raise ValueError(
-            f"where={where!r} selects no member of any group; members are e.g. "
+            f"{fn}: where={where!r} selects no member of any group"
+            f"{'' if gmap is None else ' that has a gradient'}; members are e.g. "
             f"{[m.path for g in groups[:2] for m in g.members]}"
         )
     return out
@@ -242,7 +238,7 @@ def taylor_importance(
         >>> taylor_importance(params, grads, groups)["a/kernel"].shape
         (3,)
     """
-    groups = _check_groups("taylor_importance", groups)
+    groups = check_groups("taylor_importance", groups)
     gmap = path_dict(grads)
     members = [m.path for g in groups for m in g.members]
     if not any(p in gmap for p in members):
@@ -251,24 +247,7 @@ def taylor_importance(
             f"{members[:3]}); grads has {list(gmap)[:3]}; for Linen variables pass "
             "{'params': grads}"
         )
-    chosen = _chosen(tree, where)
-    leaves = path_dict(tree)
-    pairs = []
-    for group in groups:
-        picked = [(m, (leaves[m.path], gmap[m.path])) for m in group.members
-                  if m.path in chosen and m.path in gmap and m.path in leaves]
-        for m, (w, g) in picked:
-            _check_leaf("taylor_importance", "leaf", w, m)
-            _check_leaf("taylor_importance", "grads leaf", g, m)
-        # A group none of whose members the score reads is left out (kept whole), as in the
-        # other scores: all-zero scores would let `select_channels` prune it by position.
-        if picked:
-            pairs.append((group, picked))
-    if not pairs:
-        raise ValueError(
-            f"taylor_importance: where={where!r} selects no member of any group that has a "
-            f"gradient; members are e.g. {members[:3]}"
-        )
+    pairs = _members("taylor_importance", tree, groups, where, grads)
 
     def score(group: ChannelGroup, picked: list[tuple[GroupMember, Any]]) -> jax.Array:
         total = jnp.zeros(group.size, jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.structured.groups import ChannelGroup
+from jaxcomp.structured.groups import ChannelGroup, check_groups
 from jaxcomp.tree import leaves_with_paths
 
 __all__ = ["keep_indices", "remove_channels"]
@@ -30,7 +30,7 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
         0/1 list of ints is read as indices: pass a bool mask), or nothing is kept.
 
     Example:
-        >>> from jaxcomp.structured.groups import ChannelGroup
+        >>> from jaxcomp.structured.groups import ChannelGroup, check_groups
         >>> keep_indices(ChannelGroup("g", 4, ()), [True, False, True, True]).tolist()
         [0, 2, 3]
     """
@@ -73,12 +73,7 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
 def _kept_positions(
     groups: Sequence[ChannelGroup], keep: Mapping[str, Any]
 ) -> dict[tuple[str, int], tuple[int, np.ndarray]]:
-    try:
-        groups = list(groups)
-    except TypeError:
-        groups = None
-    if groups is None or not all(isinstance(g, ChannelGroup) for g in groups):
-        raise ValueError("remove_channels: groups must be the ChannelGroups from channel_groups")
+    groups = check_groups("remove_channels", groups)
     if not isinstance(keep, Mapping):
         raise ValueError(
             "remove_channels: keep must map group names to kept masks or indices, got "

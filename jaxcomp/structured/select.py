@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcomp.structured.groups import ChannelGroup
+from jaxcomp.structured.groups import ChannelGroup, check_groups
 
 __all__ = ["kept_count", "select_channels"]
 
@@ -155,17 +155,12 @@ def select_channels(
         scores, or scores for unknown groups.
 
     Example:
-        >>> from jaxcomp.structured.groups import ChannelGroup
+        >>> from jaxcomp.structured.groups import ChannelGroup, check_groups
         >>> g = ChannelGroup("g", 4, ())
         >>> select_channels([g], {"g": jnp.array([3.0, 1.0, 2.0, 0.5])}, ratio=0.5)["g"].tolist()
         [True, False, True, False]
     """
-    try:
-        groups = list(groups)
-    except TypeError:
-        groups = None
-    if groups is None or not all(isinstance(g, ChannelGroup) for g in groups):
-        raise ValueError("select_channels: groups must be the ChannelGroups from channel_groups")
+    groups = check_groups("select_channels", groups)
     if scope not in ("group", "global"):
         raise ValueError(f"scope must be 'group' or 'global', got {scope!r}")
     min_channels = _check_count(min_channels, "min_channels")
