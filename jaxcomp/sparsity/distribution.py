@@ -226,6 +226,14 @@ def erk_sparsities(
     sparsity = check_sparsity(sparsity)
     if not shapes:
         raise ValueError("erk_sparsities needs at least one shape")
+    for path, shape in shapes.items():
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            dims = None
+        if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                                   and d >= 1 for d in dims):
+            raise ValueError(f"{path}: erk_sparsities needs a shape of positive ints, got {shape!r}")
     paths = list(shapes)
     values = ERK(power).leaf_sparsities(jnp.float32(sparsity), 0, paths,
                                         [tuple(shapes[p]) for p in paths])

@@ -137,6 +137,17 @@ def drop_and_grow(
         value = np.asarray(fraction)
         if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or not 0 <= value <= 1:
             raise ValueError(f"drop_and_grow: fraction must be a number in [0, 1], got {fraction!r}")
+    for name, seq in (("params", params), ("grads", grads), ("masks", masks)):
+        if not isinstance(seq, (list, tuple)) and not (name == "grads" and seq is None):
+            raise ValueError(f"drop_and_grow: {name} must be a list of arrays (one per leaf), got "
+                             f"{type(seq).__name__}")
+    if not len(params) == len(masks) == (len(grads) if grads is not None else len(params)):
+        raise ValueError(f"drop_and_grow: params, grads and masks must have one entry per leaf, "
+                         f"got {len(params)}, {None if grads is None else len(grads)}, {len(masks)}")
+    for i, (p, m) in enumerate(zip(params, masks)):
+        if jnp.shape(p) != jnp.shape(m):
+            raise ValueError(f"drop_and_grow: leaf {i}: mask of shape {jnp.shape(m)} does not match "
+                             f"its weights of shape {jnp.shape(p)}")
     masks = [m.astype(bool) for m in masks]
     fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
     active = [jnp.sum(m.astype(jnp.int32)) for m in masks]

@@ -434,6 +434,9 @@ def compute_masks(
         if group.score.needs_key and key is None:
             raise ValueError(f"the {name} score of rule {group.index} needs key=")
     if not isinstance(step, jax.core.Tracer):
+        if (isinstance(step, (bool, np.bool_)) or not np.issubdtype(np.asarray(step).dtype, np.integer)
+                or np.ndim(step) != 0 or not 0 <= int(step) < 2**31):
+            raise ValueError(f"step must be an int in [0, 2**31), got {step!r}")
         # A concrete step: the schedules' values there are checked, not silently clipped.
         for group in groups:
             with jax.ensure_compile_time_eval():

@@ -8,6 +8,7 @@ import jaxcomp.sparsity as sp
 from jaxcomp.nn.sparsity import ActivationSparsity, sparsify_activation
 
 P = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
+K = {"kernel": P["w"]}
 
 
 def test_numpy_ints_are_ints():
@@ -33,6 +34,12 @@ def test_numpy_ints_are_ints():
         (lambda: sp.straight_through_mask(jnp.ones(2), jnp.ones((3, 2), bool)), "does not match"),
         (lambda: sparsify_activation(jnp.zeros((0, 4)), ActivationSparsity(where="", top_k=1),
                                      path="act"), "act: an empty activation"),
+        (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step="5"), "step must be an int"),
+        (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step=2.5), "step must be an int"),
+        (lambda: sp.erk_sparsities({"a": (10, -10)}, 0.5), "a: erk_sparsities needs a shape"),
+        (lambda: sp.drop_and_grow(P["w"], P["w"], P["w"] > 0, 0.5), "params must be a list"),
+        (lambda: sp.drop_and_grow([P["w"]], [P["w"]], [jnp.ones(3, bool)], 0.5),
+         "leaf 0: mask of shape"),
         (lambda: sparsify_activation(jnp.ones((2, 4), jnp.int32),
                                      ActivationSparsity(where="", top_k=1), path="act"),
          "act: expected a float activation"),
