@@ -320,7 +320,11 @@ def _structured_mask(
     granularity: Granularity, scores: jax.Array, sparsity: jax.typing.ArrayLike
 ) -> jax.Array:
     check_array_sparsity(sparsity)
+    if not hasattr(scores, "shape"):
+        raise ValueError(f"scores must be an array, got {type(scores).__name__}")
     shape = tuple(scores.shape)
+    if 0 in shape:
+        raise ValueError(f"scores: an empty array (shape {shape}) has nothing to prune")
     granularity.check("scores", shape)
     units = granularity.pool(scores)
     k = pruned_units(sparsity, units.size)

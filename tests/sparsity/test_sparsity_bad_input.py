@@ -34,6 +34,8 @@ def test_numpy_ints_are_ints():
         (lambda: sp.straight_through_mask(jnp.ones(2), jnp.ones((3, 2), bool)), "does not match"),
         (lambda: sparsify_activation(jnp.zeros((0, 4)), ActivationSparsity(where="", top_k=1),
                                      path="act"), "act: an empty activation"),
+        (lambda: sp.unstructured_mask(jnp.zeros((0, 3)), 0.5), "empty array"),
+        (lambda: sp.channel_mask([1.0, 2.0], 0.5), "scores must be an array"),
         (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step="5"), "step must be an int"),
         (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step=2.5), "step must be an int"),
         (lambda: sp.erk_sparsities({"a": (10, -10)}, 0.5), "a: erk_sparsities needs a shape"),
