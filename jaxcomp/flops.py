@@ -38,15 +38,16 @@ ACTIVATIONS = "(activations)"
 class FlopCount:
     """FLOPs of one call: `total`, and `per_path` keyed by parameter path (plus `"(activations)"`).
 
-    `conv_input_hw` holds, for each kernel path that a convolution uses directly as its weight,
-    the spatial size of that convolution's input (the largest, for a kernel used on several):
-    the FLOPs of a factorized convolution depend on it (see `jaxcomp.decompose.FlopBudget`).
+    `conv_positions` holds, for each kernel path that a convolution uses directly as its weight,
+    `(input positions, output positions)` summed over its calls (batch x spatial size, times a
+    scan's length): the FLOPs of a factorized convolution depend on both (see
+    `jaxcomp.decompose.FlopBudget`).
     """
 
     total: int
     per_path: Mapping[str, int]
-    conv_input_hw: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict,
-                                                                     compare=False)
+    conv_positions: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict,
+                                                                      compare=False)
 
     def __getitem__(self, path: str) -> int:
         return self.per_path.get(path, 0)
@@ -105,27 +106,28 @@ def _conv_flops(eqn: Any) -> int:
 
 
 class _Counts(dict):
-    """FLOPs per path, and the input spatial size of each convolution kernel path."""
+    """FLOPs per path, and the input and output positions of each convolution kernel path."""
 
     def __init__(self):
         super().__init__()
-        self.conv_input_hw: dict[str, tuple[int, ...]] = {}
+        self.conv_positions: dict[str, tuple[int, int]] = {}
 
-    def record_conv(self, eqn: Any, kernel: _Origin) -> None:
+    def record_conv(self, eqn: Any, kernel: _Origin, scale: int) -> None:
         if kernel.data or len(kernel.paths) != 1:
             return
         (path,) = kernel.paths
-        lhs = eqn.invars[0].aval
-        hw = tuple(int(lhs.shape[d]) for d in eqn.params["dimension_numbers"].lhs_spec[2:])
-        old = self.conv_input_hw.get(path)
-        if old is None or math.prod(hw) > math.prod(old):
-            self.conv_input_hw[path] = hw
+        lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+        dn = eqn.params["dimension_numbers"]
+        positions = (scale * math.prod(lhs.shape) // max(lhs.shape[dn.lhs_spec[1]], 1),
+                     scale * math.prod(out.shape) // max(out.shape[dn.out_spec[1]], 1))
+        old = self.conv_positions.get(path, (0, 0))
+        self.conv_positions[path] = (old[0] + positions[0], old[1] + positions[1])
 
-    def merge_inputs(self, other: _Counts) -> None:
-        for path, hw in other.conv_input_hw.items():
-            old = self.conv_input_hw.get(path)
-            if old is None or math.prod(hw) > math.prod(old):
-                self.conv_input_hw[path] = hw
+    def merge_positions(self, other: _Counts) -> None:
+        """Positions of a branch that may run instead of others: the most of each."""
+        for path, (n_in, n_out) in other.conv_positions.items():
+            old = self.conv_positions.get(path, (0, 0))
+            self.conv_positions[path] = (max(old[0], n_in), max(old[1], n_out))
 
 
 def _charge(counts: dict[str, int], origins: list[_Origin], flops: int) -> None:
@@ -150,7 +152,7 @@ def _walk(jaxpr: Any, origins: list[_Origin], counts: _Counts, scale: int) -> li
             _charge(counts, ins, scale * _dot_flops(eqn))
         elif name == "conv_general_dilated":
             _charge(counts, ins, scale * _conv_flops(eqn))
-            counts.record_conv(eqn, ins[1])
+            counts.record_conv(eqn, ins[1], scale)
         subs = list(jex.jaxprs_in_params(eqn.params))
         if subs:
             outs = _walk_sub(eqn, subs, ins, counts, scale)
@@ -199,7 +201,7 @@ def _walk_sub(
         for branch in subs:
             branch_counts = _Counts()
             outs = _walk(branch, ins[1:], branch_counts, scale)
-            counts.merge_inputs(branch_counts)
+            counts.merge_positions(branch_counts)
             merged_outs = [a | b for a, b in zip(merged_outs, outs)]
             if best is None or sum(branch_counts.values()) > sum(best.values()):
                 best = branch_counts
@@ -269,4 +271,4 @@ def count_flops(fn: Callable[..., Any], params: Any, *inputs: Any, **kwargs: Any
     if ACTIVATIONS in counts:
         ordered[ACTIVATIONS] = counts[ACTIVATIONS]
     return FlopCount(total=sum(counts.values()), per_path=ordered,
-                     conv_input_hw=dict(counts.conv_input_hw))
+                     conv_positions=dict(counts.conv_positions))

@@ -139,9 +139,9 @@ def test_a_scan_carry_that_starts_from_a_parameter_is_state_not_a_weight():
     assert count.per_path == {"U": 5 * 2 * 2 * 4 * 4}
 
 
-def test_each_convolution_kernel_records_its_input_size():
-    """FlopCount.conv_input_hw: the spatial size of each convolution's input, by kernel path
-    (what a factorized convolution's first 1x1 runs on), the largest for a kernel used twice."""
+def test_each_convolution_kernel_records_its_positions():
+    """FlopCount.conv_positions: (input, output) positions of each convolution kernel, batch x
+    spatial, summed over its calls (what a factorized convolution's factors run on)."""
     import flax.linen as nn
 
     class Net(nn.Module):
@@ -155,5 +155,6 @@ def test_each_convolution_kernel_records_its_input_size():
     x = jnp.ones((2, 9, 7, 4))
     params = Net().init(jax.random.key(0), x)["params"]
     count = count_flops(lambda p, x: Net().apply({"params": p}, x), params, x)
-    assert count.conv_input_hw == {"shared/kernel": (9, 7), "proj/kernel": (6, 5),
-                                   "last/kernel": (4, 3)}
+    assert count.conv_positions == {"shared/kernel": (2 * 9 * 7 + 2 * 6 * 5, 2 * 7 * 5 + 2 * 4 * 3),
+                                    "proj/kernel": (2 * 6 * 5, 2 * 6 * 5),
+                                    "last/kernel": (2 * 4 * 3, 2 * 2 * 2)}

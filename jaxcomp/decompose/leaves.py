@@ -51,6 +51,8 @@ def _is_int(value: Any) -> bool:
 def _pair(value: Any, name: str) -> tuple[int, int]:
     if value is None:
         return (1, 1)
+    if isinstance(value, (np.ndarray, jax.Array)):
+        value = np.asarray(value).tolist()
     if _is_int(value):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
@@ -60,6 +62,8 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 
 def _padding(value: Any) -> Padding:
+    if isinstance(value, (np.ndarray, jax.Array)):
+        value = np.asarray(value).tolist()
     if isinstance(value, str):
         upper = value.upper()
         if upper not in _PADDING_STRINGS:

@@ -29,6 +29,7 @@ from typing import Union
 import jax
 import numpy as np
 
+from jaxcomp._checks import as_int, as_real
 from jaxcomp.decompose.vbmf import vbmf_spectrum
 from jaxcomp.flops import FlopCount
 
@@ -154,10 +155,10 @@ class VBMF:
     def __post_init__(self):
         if self.sigma2 is None:
             return
-        real = isinstance(self.sigma2, (int, float, np.integer, np.floating)) and not isinstance(
-            self.sigma2, (bool, np.bool_))
-        if not real or not self.sigma2 > 0 or not math.isfinite(self.sigma2):
+        value = as_real(self.sigma2)
+        if value is None or not value > 0 or not math.isfinite(value):
             raise ValueError(f"VBMF.sigma2 must be a positive number or None, got {self.sigma2!r}")
+        object.__setattr__(self, "sigma2", value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,17 +192,21 @@ class FlopBudget:
       dense_flops: FLOPs of each selected kernel in the dense model, by path: the `FlopCount`
         that `jaxcomp.count_flops(fn, params, x)` returns, or a mapping such as its `per_path`
         (stored as a dict). They fix each layer's number of positions (batch x output pixels).
-      input_hw: the spatial size `(H, W)` of each convolution's input, by kernel path. The first
-        1x1 convolution of Tucker-2 and CP runs on every input position, which outnumber the
-        output positions by the strides under SAME padding, and by more under VALID or small
-        explicit padding. Taken from a `FlopCount` given as `dense_flops` (which records it);
-        `decompose_linen` fills in what it traces. A convolution without it whose padding can
-        shrink its output (VALID, small explicit pads) is a `ValueError` at allocation.
+      input_hw: the spatial size `(H, W)` of each convolution's input, by kernel path, given by
+        hand. The first 1x1 convolution of Tucker-2 runs on every input position, which
+        outnumber the output positions by the strides under SAME padding, and by more under
+        VALID or small explicit padding.
+      conv_positions: `(input positions, output positions)` of each convolution summed over its
+        calls, by kernel path: taken from a `FlopCount` given as `dense_flops` (which records
+        them, exact for a layer called on inputs of several sizes), and filled in by
+        `decompose_linen` from its trace. They take precedence over `input_hw`. A convolution
+        with neither, whose padding can shrink its output (VALID, small explicit pads), is a
+        `ValueError` at allocation.
 
     Raises:
       ValueError: for a `total` that is not a positive int, `dense_flops` that is neither a
-        `FlopCount` nor a mapping of positive numbers, or `input_hw` that is not a mapping of
-        positive int pairs.
+        `FlopCount` nor a mapping of positive numbers, `input_hw` that is not a mapping of
+        positive int pairs, or `conv_positions` that is not a mapping of positive int pairs.
 
     Example:
         >>> FlopBudget(total=10**6, dense_flops={"Dense_0/kernel": 4 * 10**6}).total
@@ -211,6 +216,8 @@ class FlopBudget:
     total: int
     dense_flops: Mapping[str, int] | FlopCount = dataclasses.field(default_factory=dict, hash=False)
     input_hw: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict, hash=False)
+    conv_positions: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict,
+                                                                      hash=False)
 
     def __post_init__(self):
         if (isinstance(self.total, (bool, np.bool_))
@@ -218,25 +225,17 @@ class FlopBudget:
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
         object.__setattr__(self, "total", int(self.total))
         dense = self.dense_flops
-        input_hw = {}
+        positions = {}
         if isinstance(dense, FlopCount):
-            input_hw = dict(dense.conv_input_hw)
+            positions = dict(dense.conv_positions)
             dense = dense.per_path
-        if not isinstance(self.input_hw, Mapping):
-            raise ValueError(f"FlopBudget.input_hw must map kernel paths to (H, W), got "
-                             f"{type(self.input_hw).__name__} {self.input_hw!r}")
-        for path, hw in self.input_hw.items():
-            try:
-                hw = tuple(hw)
-            except TypeError:
-                hw = None
-            if (hw is None or len(hw) != 2 or not all(isinstance(d, (int, np.integer))
-                                                      and not isinstance(d, bool) and d > 0
-                                                      for d in hw)):
-                raise ValueError(f"FlopBudget.input_hw[{path!r}] must be a pair of positive "
-                                 f"ints, got {self.input_hw[path]!r}")
-            input_hw[path] = tuple(int(d) for d in hw)
-        object.__setattr__(self, "input_hw", input_hw)
+        if not isinstance(self.conv_positions, Mapping):
+            raise ValueError(f"FlopBudget.conv_positions must map kernel paths to (input "
+                             f"positions, output positions), got {self.conv_positions!r}")
+        positions.update(self.conv_positions)
+        object.__setattr__(self, "input_hw", _int_pairs(self.input_hw, "input_hw", "(H, W)"))
+        object.__setattr__(self, "conv_positions", _int_pairs(
+            positions, "conv_positions", "(input positions, output positions)"))
         if not isinstance(dense, Mapping):
             raise ValueError(
                 "FlopBudget.dense_flops must be a jaxcomp.FlopCount or a mapping from kernel path "
@@ -247,6 +246,23 @@ class FlopBudget:
         if bad:
             raise ValueError(f"FlopBudget.dense_flops must be positive numbers, got {bad}")
         object.__setattr__(self, "dense_flops", flops)
+
+
+def _int_pairs(mapping: object, name: str, what: str) -> dict[str, tuple[int, int]]:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"FlopBudget.{name} must map kernel paths to {what}, got "
+                         f"{type(mapping).__name__} {mapping!r}")
+    out = {}
+    for path, pair in mapping.items():
+        try:
+            pair = tuple(pair)
+        except TypeError:
+            pair = None
+        if pair is None or len(pair) != 2 or not all((as_int(d) or 0) > 0 for d in pair):
+            raise ValueError(f"FlopBudget.{name}[{path!r}] must be a pair of positive ints, got "
+                             f"{mapping[path]!r}")
+        out[path] = (as_int(pair[0]), as_int(pair[1]))
+    return out
 
 
 def _positive_number(value: object) -> bool:

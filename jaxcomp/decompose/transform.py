@@ -106,6 +106,11 @@ def _positions_ratio(rule: Any, path: str, kernel: Any, spec: ConvSpec) -> tuple
     if getattr(kernel, "ndim", 0) != 4 or not isinstance(rule, FlopBudget):
         return spec.strides
     kernel_hw = tuple(kernel.shape[:2])
+    positions = rule.conv_positions.get(path)
+    if positions is not None:
+        # Over all the calls: Tucker-2's first 1x1 pays for the input positions, the rest for
+        # the output positions (the product of this pair is what the cost model reads).
+        return (positions[0] / positions[1], 1.0)
     input_hw = rule.input_hw.get(path)
     if input_hw is not None:
         out_hw = spec.output_hw(input_hw, kernel_hw)

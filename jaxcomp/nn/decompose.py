@@ -168,21 +168,26 @@ class FactorizedConv(_FactorizedLayer):
         self.kernel_size = (kh, kw)
 
 
+class _Unsupported(ValueError):
+    """A layer the factor sequence cannot run (grouped, masked, input-dilated, not 2-D): the
+    default selection leaves it dense, an explicit one names it."""
+
+
 def _conv_spec(module: Any, path: str) -> ConvSpec:
     """The ConvSpec of a Flax (Linen or NNX) Conv, or ValueError for what the sequence cannot run."""
     kernel_size = tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
     if len(kernel_size) != 2:
-        raise ValueError(f"{path}: only 2-D convolutions are decomposed, got kernel_size {kernel_size}")
+        raise _Unsupported(f"{path}: only 2-D convolutions are decomposed, got kernel_size {kernel_size}")
     if module.feature_group_count != 1:
-        raise ValueError(
+        raise _Unsupported(
             f"{path}: grouped convolution (feature_group_count={module.feature_group_count}) "
             "cannot be decomposed"
         )
     dilation = module.input_dilation
     if dilation not in (None, 1) and tuple(dilation) != (1, 1):
-        raise ValueError(f"{path}: input_dilation={dilation} is not supported")
+        raise _Unsupported(f"{path}: input_dilation={dilation} is not supported")
     if module.mask is not None:
-        raise ValueError(f"{path}: masked convolutions are not supported")
+        raise _Unsupported(f"{path}: masked convolutions are not supported")
     try:
         return ConvSpec(strides=module.strides, padding=module.padding, dilation=module.kernel_dilation)
     except ValueError as e:
@@ -250,7 +255,7 @@ def decompose_nnx(
         if isinstance(module, nnx.Conv):
             try:
                 specs[kernel_path] = _conv_spec(module, kernel_path)
-            except ValueError as error:
+            except _Unsupported as error:
                 if default:  # the default selection leaves what the factors cannot run dense
                     skipped.append(error)
                     continue
@@ -339,14 +344,14 @@ def intercept_factorized() -> Iterator[None]:
 
 
 def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
-                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str], dict[str, tuple]]:
+                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str], dict[str, tuple], dict]:
     """Traces the model once: the nn.Conv specs, the kernel paths of the layers the interceptor
-    runs, the module type of every other layer with a `kernel` param, by kernel path, and the
-    spatial size of each nn.Conv's input (the largest, for a layer called on several)."""
+    runs, the module type of every other layer with a `kernel` param, by kernel path, the input
+    and output positions of each nn.Conv summed over its calls, and the unsupported convs."""
     specs: dict[str, ConvSpec] = {}
     runnable: set[str] = set()
     others: dict[str, str] = {}
-    input_hw: dict[str, tuple[int, int]] = {}
+    positions: dict[str, tuple[int, int]] = {}
     unsupported: dict[str, ValueError] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -358,15 +363,18 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
                 if isinstance(module, nn.Conv) and getattr(kernel, "ndim", 0) == 4:
                     try:
                         specs[path] = _conv_spec(module, path)
-                    except ValueError as error:  # raised if selected (see decompose_linen)
+                    except _Unsupported as error:  # raised if selected (see decompose_linen)
                         unsupported[path] = error
                         return next_fun(*call_args, **call_kwargs)
                 runnable.add(path)
                 if path in specs:
                     x = call_args[0] if call_args else call_kwargs.get("inputs")
-                    hw = tuple(int(d) for d in getattr(x, "shape", ())[-3:-1])
-                    if len(hw) == 2 and math.prod(hw) > math.prod(input_hw.get(path, (0,))):
-                        input_hw[path] = hw
+                    y = next_fun(*call_args, **call_kwargs)
+                    n_in = math.prod(getattr(x, "shape", (0,))[:-1])
+                    n_out = math.prod(getattr(y, "shape", (0,))[:-1])
+                    old = positions.get(path, (0, 0))
+                    positions[path] = (old[0] + n_in, old[1] + n_out)
+                    return y
             elif kernel is not None:
                 others[path] = type(module).__name__
         return next_fun(*call_args, **call_kwargs)
@@ -379,7 +387,8 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
     for path in unsupported:
         runnable.discard(path)
         specs.pop(path, None)
-    return specs, runnable, others, input_hw, unsupported
+    positions = {p: n for p, n in positions.items() if p in specs and min(n) > 0}
+    return specs, runnable, others, positions, unsupported
 
 
 def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, ConvSpec]:
@@ -449,12 +458,14 @@ def decompose_linen(
         >>> out["params"]["Conv_1"]["kernel"].kind
         'Tucker2'
     """
-    specs, runnable, others, input_hw, unsupported = _linen_kernels(model, variables, args, kwargs)
+    specs, runnable, others, positions, unsupported = _linen_kernels(model, variables, args, kwargs)
     if isinstance(ranks, FlopBudget):
-        # The traced input sizes fix what the factors of each convolution cost; sizes the
-        # budget already has (from a FlopCount, or given) take precedence.
+        # The traced positions fix what the factors of each convolution cost; positions the
+        # budget already has (from a FlopCount, or given) take precedence, and sizes given by
+        # hand (input_hw) too.
+        traced = {p: n for p, n in positions.items() if p not in ranks.input_hw}
         ranks = dataclasses.replace(ranks, dense_flops=dict(ranks.dense_flops),
-                                    input_hw={**input_hw, **ranks.input_hw})
+                                    conv_positions={**traced, **ranks.conv_positions})
     if isinstance(where, str) and where == DEFAULT_WHERE:
         if not runnable and unsupported:
             raise next(iter(unsupported.values()))

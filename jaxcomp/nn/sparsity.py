@@ -34,9 +34,9 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxcomp._checks import as_int, as_real
 from jaxcomp.sparsity.ste import straight_through_mask
 
 __all__ = [
@@ -84,20 +84,18 @@ class ActivationSparsity:
                 f"ActivationSparsity needs exactly one of top_k, keep_fraction, threshold; got "
                 f"{given or 'none'}")
         if self.top_k is not None:
-            if (isinstance(self.top_k, (bool, np.bool_)) or not isinstance(self.top_k, (int, np.integer))
-                    or self.top_k < 1):
+            if (as_int(self.top_k) or 0) < 1:
                 raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
-            object.__setattr__(self, "top_k", int(self.top_k))
-        if self.keep_fraction is not None and (
-                isinstance(self.keep_fraction, (bool, np.bool_))
-                or not isinstance(self.keep_fraction, (int, float, np.integer, np.floating))
-                or not 0.0 < self.keep_fraction <= 1.0):
-            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
-        if self.threshold is not None and (
-                isinstance(self.threshold, (bool, np.bool_))
-                or not isinstance(self.threshold, (int, float, np.integer, np.floating))
-                or not math.isfinite(self.threshold)):
-            raise ValueError(f"threshold must be finite, got {self.threshold!r}")
+            object.__setattr__(self, "top_k", as_int(self.top_k))
+        if self.keep_fraction is not None:
+            if not 0.0 < (as_real(self.keep_fraction) or 0.0) <= 1.0:
+                raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
+            object.__setattr__(self, "keep_fraction", as_real(self.keep_fraction))
+        if self.threshold is not None:
+            threshold = as_real(self.threshold)
+            if threshold is None or not math.isfinite(threshold):
+                raise ValueError(f"threshold must be finite, got {self.threshold!r}")
+            object.__setattr__(self, "threshold", threshold)
         if self.by not in ("magnitude", "value"):
             raise ValueError(f"by must be 'magnitude' or 'value', got {self.by!r}")
         if isinstance(self.where, str):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_real
 from jaxcomp.core import is_compressed
 from jaxcomp.quant.numerics import (
     Layout,
@@ -201,10 +202,11 @@ def _lsq_checked(x, step, spec, grad_scale, path, *, barrier):
     step = jnp.asarray(step)
     _check_shape(step, lay, "step", path)
     check_positive(step, "the LSQ step", path)
-    if grad_scale is not None and not (isinstance(grad_scale, (int, float, np.integer, np.floating))
-                                       and not isinstance(grad_scale, bool)
-                                       and math.isfinite(grad_scale) and grad_scale > 0):
-        raise ValueError(f"{path}: grad_scale must be a finite number > 0, got {grad_scale!r}")
+    if grad_scale is not None:
+        value = as_real(grad_scale)
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{path}: grad_scale must be a finite number > 0, got {grad_scale!r}")
+        grad_scale = value
     if x.size == 0:
         return x
     if grad_scale is None:

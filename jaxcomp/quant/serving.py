@@ -63,6 +63,8 @@ def prepare_for_serving(
         >>> prepare_for_serving(q)["k"].shape
         (16, 8)
     """
+    if isinstance(batch_sizes, (np.ndarray, jax.Array)):
+        batch_sizes = np.asarray(batch_sizes).tolist()
     try:
         sizes = tuple(batch_sizes)
     except TypeError:

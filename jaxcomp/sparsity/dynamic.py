@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_real
 from jaxcomp.sparsity._select import lowest_k
 
 __all__ = ["RigL", "SET", "drop_and_grow"]
@@ -41,9 +42,7 @@ def _check(name: str, update_every: int, end_step: int, drop_fraction: float) ->
         raise ValueError(f"{name}: update_every must be a positive int, got {update_every!r}")
     if not _positive_int(end_step):
         raise ValueError(f"{name}: end_step must be a positive int below 2**31, got {end_step!r}")
-    if (isinstance(drop_fraction, (bool, np.bool_))
-            or not isinstance(drop_fraction, (int, float, np.integer, np.floating))
-            or not 0.0 < drop_fraction < 1.0):
+    if not 0.0 < (as_real(drop_fraction) or 0.0) < 1.0:
         raise ValueError(f"{name}: drop_fraction must be in (0, 1), got {drop_fraction!r}")
 
 
@@ -59,6 +58,7 @@ class _DropAndGrow:
         _check(type(self).__name__, self.update_every, self.end_step, self.drop_fraction)
         object.__setattr__(self, "update_every", int(self.update_every))
         object.__setattr__(self, "end_step", int(self.end_step))
+        object.__setattr__(self, "drop_fraction", as_real(self.drop_fraction))
 
     def fraction(self, step: jax.typing.ArrayLike) -> jax.Array:
         """Cosine-decayed drop fraction at `step`."""

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcomp.tree import assert_same_structure, leaves_with_paths
+from jaxcomp.tree import assert_same_structure, key_path_str
 
 __all__ = [
     "Magnitude",
@@ -56,10 +56,11 @@ def _need_grads(name: str, grads: Any, params: Any = None) -> None:
         return
     # Gradients of another shape would broadcast against the weights: a silently wrong score.
     assert_same_structure(params, grads, what="the gradients")
-    for (path, p), g in zip(leaves_with_paths(params), jax.tree.leaves(grads)):
+    # Both flattened the same way (into compressed leaves too), so the pairs line up.
+    for (key_path, p), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(grads)):
         if jnp.shape(p) != jnp.shape(g):
-            raise ValueError(f"{path}: {name} needs gradients of the weights' shape {jnp.shape(p)}, "
-                             f"got {jnp.shape(g)}")
+            raise ValueError(f"{key_path_str(key_path)}: {name} needs gradients of the weights' "
+                             f"shape {jnp.shape(p)}, got {jnp.shape(g)}")
 
 
 class Score(abc.ABC):

@@ -40,10 +40,14 @@ def straight_through_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
         ...     jnp.array([5., 6.]))
         Array([1., 1.], dtype=float32)
     """
-    if jnp.shape(mask) != jnp.shape(x):
-        # A broadcasting mask would silently change the output's shape.
-        raise ValueError(f"straight_through_mask: mask of shape {jnp.shape(mask)} does not match "
-                         f"x of shape {jnp.shape(x)}")
+    try:
+        fits = jnp.broadcast_shapes(jnp.shape(mask), jnp.shape(x)) == jnp.shape(x)
+    except ValueError:
+        fits = False
+    if not fits:
+        # A mask that broadcasts x to a larger shape would silently change the output's shape.
+        raise ValueError(f"straight_through_mask: mask of shape {jnp.shape(mask)} does not "
+                         f"broadcast to x of shape {jnp.shape(x)}")
     return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 

@@ -369,3 +369,56 @@ def test_the_default_selection_leaves_grouped_convolutions_dense():
     assert model(X).shape == (2, 4)
     with pytest.raises(ValueError, match="depthwise/kernel: grouped convolution"):
         decompose_nnx(_NnxDepthwise(), 2, where=r"depthwise/kernel")
+
+
+class _SharedValid(nn.Module):
+    """One VALID conv run on a 12x12 map and on 6x6 maps: their input/output ratios differ."""
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(16, (5, 5), padding="VALID")
+        big = conv(x)
+        small = conv(x[:, :6, :6].repeat(4, axis=0))
+        return big.sum() + small.sum()
+
+
+def test_a_flop_budget_holds_for_a_convolution_run_on_several_sizes():
+    """Positions are summed over the calls, so a layer run on maps of several sizes is costed
+    for all of them (the largest map's ratio undercounted the small ones)."""
+    from jaxcomp.decompose import FlopBudget
+
+    x = jnp.ones((1, 12, 12, 16))
+    variables = numpy_init(_SharedValid(), x)
+    apply = lambda p, x: _SharedValid().apply({"params": p}, x)  # noqa: E731
+    dense = jaxcomp.count_flops(apply, variables["params"], x)
+    kernel = "Conv_0/kernel"
+
+    def run(p, x):
+        with intercept_factorized():
+            return apply(p, x)
+
+    for fraction in (0.6, 0.3):
+        total = int(fraction * dense[kernel])
+        for flops in (dense, {kernel: dense[kernel]}):  # the FlopCount, or traced positions
+            out = decompose_linen(_SharedValid(), variables, x, where=kernel,
+                                  ranks=FlopBudget(total, dense_flops=flops))
+            assert jaxcomp.count_flops(run, out["params"], x)[kernel] <= total
+
+
+def test_array_valued_conv_options_decompose_like_tuples():
+    """Flax accepts NumPy arrays for strides and padding; so do ConvSpec, VBMF and the default
+    selection of decompose_nnx (it used to leave such a conv dense, silently)."""
+    from jaxcomp.decompose import VBMF
+
+    assert ConvSpec(strides=np.array([2, 2]), padding=np.array([[1, 1], [1, 1]])) == ConvSpec(
+        strides=2, padding=1)
+    assert VBMF(sigma2=jnp.float32(0.5)).sigma2 == 0.5
+
+    class Strided(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(3, 8, (3, 3), strides=np.array([2, 2]), rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    assert isinstance(decompose_nnx(Strided(), 2).conv, FactorizedConv)

@@ -248,6 +248,8 @@ def test_flop_budget_input_sizes_are_validated():
     for bad in ({"c": (8,)}, {"c": (0, 4)}, {"c": 8}, {"c": (8.0, 4)}, [("c", (8, 8))]):
         with pytest.raises(ValueError, match="FlopBudget.input_hw"):
             FlopBudget(10, {"c": 5}, input_hw=bad)
+        with pytest.raises(ValueError, match="FlopBudget.conv_positions"):
+            FlopBudget(10, {"c": 5}, conv_positions=bad)
 
 
 def test_unreachable_budgets_and_missing_flops_raise():

@@ -31,7 +31,7 @@ def test_numpy_ints_are_ints():
         (lambda: ActivationSparsity(where="", keep_fraction="0.5"), "keep_fraction must be in"),
         (lambda: ActivationSparsity(where="", threshold="1"), "threshold"),
         (lambda: sp.saliency_scores(P, {"w": jnp.ones((2, 1))}), "w: Saliency needs gradients"),
-        (lambda: sp.straight_through_mask(jnp.ones(2), jnp.ones((3, 2), bool)), "does not match"),
+        (lambda: sp.straight_through_mask(jnp.ones(2), jnp.ones((3, 2), bool)), "does not broadcast to x"),
         (lambda: sparsify_activation(jnp.zeros((0, 4)), ActivationSparsity(where="", top_k=1),
                                      path="act"), "act: an empty activation"),
         (lambda: sp.unstructured_mask(jnp.zeros((0, 3)), 0.5), "empty array"),
@@ -50,3 +50,24 @@ def test_numpy_ints_are_ints():
 def test_bad_input_is_a_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_straight_through_masks_may_broadcast_to_the_weights():
+    """A per-channel or scalar mask that broadcasts to x (without growing it) is fine."""
+    x = jnp.arange(12.0).reshape(3, 4)
+    for mask in (jnp.array([True, False, True, True]), jnp.ones((1, 4), bool), jnp.bool_(True)):
+        assert sp.straight_through_mask(x, mask).shape == (3, 4)
+
+
+def test_array_scalars_are_numbers_and_compressed_leaves_pair_with_their_gradients():
+    """0-d JAX / NumPy arrays pass where numbers do; the gradient-shape check of the scores
+    pairs each weight with its own gradient even after a compressed leaf."""
+    from jaxcomp.quant import QuantSpec, quantize
+
+    assert ActivationSparsity(where="", keep_fraction=jnp.float32(0.5)).keep_fraction == 0.5
+    assert ActivationSparsity(where="", threshold=np.float32(0.0)).threshold == 0.0
+    assert sp.RigL(drop_fraction=np.array(0.25)).drop_fraction == 0.25
+    q = quantize(jnp.ones((8, 4)), QuantSpec(channel_axes=(-1,)))
+    params = {"a": q, "b": jnp.ones((2, 3))}
+    grads = {"a": q, "b": jnp.ones((2, 3))}
+    assert sp.saliency_scores(params, grads)["b"].shape == (2, 3)
