@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,3 +50,18 @@ def as_real(value: Any) -> float | None:
         except TypeError:  # a tracer
             return None
     return None
+
+
+def check_key(key: object, path: str = "key") -> None:
+    """Raises `ValueError` naming `path` unless `key` is a `jax.random` key (new-style typed, or
+    old-style uint32 key data such as `jax.random.PRNGKey(0)`).
+
+    Example:
+        >>> check_key(jax.random.key(0))
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == jnp.uint32 and getattr(key, "ndim", 0) >= 1)):
+        return
+    raise ValueError(f"{path}: key must be a jax.random key (jax.random.key(seed)), got "
+                     f"{type(key).__name__} {key!r}")

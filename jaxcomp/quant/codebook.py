@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcomp._checks import as_int
 from jaxcomp.core import CompressedLeaf, bit_width, compressed_leaf, is_compressed, static_field
 from jaxcomp.quant.numerics import check_finite, check_float
 from jaxcomp.quant.qarray import pack_bits
@@ -151,8 +152,8 @@ def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x"
     check_float(x, path)
     x = jnp.asarray(x)
     check_finite(x, path)
-    if iters < 0:
-        raise ValueError(f"{path}: iters must be >= 0, got {iters!r}")
+    if as_int(iters) is None or iters < 0:
+        raise ValueError(f"{path}: iters must be an int >= 0, got {iters!r}")
     if x.size == 0:
         raise ValueError(f"{path}: k-means needs at least one value, got shape {x.shape}")
     indices, centroids = _kmeans(x, 2**bits, int(iters))

@@ -25,6 +25,7 @@ from jaxcomp.quant.numerics import (
     QuantParams,
     check_finite,
     check_float,
+    check_key,
     check_params,
     codes_from_grouped,
     from_grouped,
@@ -193,6 +194,8 @@ def fake_quant_tree(
         Array([[ 0., -1.]], dtype=float32)
     """
     counter = iter(range(1 << 30))
+    if key is not None:
+        check_key(key, "fake_quant_tree: key")
 
     def one(path, leaf):
         index = next(counter)

@@ -35,6 +35,7 @@ from jaxcomp.quant import tuning
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.numerics import (
     QuantParams,
+    as_quant_params,
     check_finite,
     check_float,
     check_params,
@@ -384,6 +385,7 @@ def _check_activation_scales(shape, activations: QuantSpec, act_params, contract
             f"(per-tensor or per-row), got {activations.describe()}"
         )
     if act_params is not None:
+        act_params = as_quant_params(act_params, path)
         for name, value in zip(("scale", "zero_point"), act_params):
             if value is None:
                 continue

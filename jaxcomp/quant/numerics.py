@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import check_key
 from jaxcomp.quant.spec import QuantSpec
 
 __all__ = [
@@ -389,21 +390,6 @@ def rounding_noise(key: jax.Array | None, shape: tuple[int, ...], spec: QuantSpe
         raise ValueError(f"{path}: rounding='stochastic' needs an explicit key=jax.random.key(...)")
     check_key(key, path)
     return jax.random.uniform(key, shape, jnp.float32)
-
-
-def check_key(key: object, path: str = "key") -> None:
-    """Raises `ValueError` naming `path` unless `key` is a `jax.random` key (new-style typed, or
-    old-style uint32 key data such as `jax.random.PRNGKey(0)`).
-
-    Example:
-        >>> check_key(jax.random.key(0))
-    """
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-                              or (dtype == jnp.uint32 and getattr(key, "ndim", 0) >= 1)):
-        return
-    raise ValueError(f"{path}: key must be a jax.random key (jax.random.key(seed)), got "
-                     f"{type(key).__name__} {key!r}")
 
 
 def quantize_codes(

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_int, as_real
 from jaxcomp.quant.numerics import (
     Layout,
     QuantParams,
@@ -175,8 +176,9 @@ class PercentileObserver(Observer):
     percentile: float = 99.99
 
     def __post_init__(self):
-        if not 50.0 < self.percentile <= 100.0:
+        if not 50.0 < (as_real(self.percentile) or 0.0) <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        object.__setattr__(self, "percentile", as_real(self.percentile))
 
     def batch_range(self, x, spec, lay):
         xg, axes = to_grouped(x, lay), lay.reduce_axes
@@ -212,10 +214,12 @@ class MSEObserver(Observer):
     min_ratio: float = 0.05
 
     def __post_init__(self):
-        if self.num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates!r}")
-        if not 0.0 < self.min_ratio <= 1.0:
+        if (as_int(self.num_candidates) or 0) < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {self.num_candidates!r}")
+        if not 0.0 < (as_real(self.min_ratio) or 0.0) <= 1.0:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio!r}")
+        object.__setattr__(self, "num_candidates", as_int(self.num_candidates))
+        object.__setattr__(self, "min_ratio", as_real(self.min_ratio))
 
     def batch_range(self, x, spec, lay):
         lo, hi = quant_range(x, spec, lay)
@@ -257,8 +261,12 @@ class EMAObserver(Observer):
     decay: float = 0.99
 
     def __post_init__(self):
-        if not 0.0 <= self.decay < 1.0:
+        decay = as_real(self.decay)
+        if decay is None or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay!r}")
+        if not isinstance(self.base, Observer):
+            raise ValueError(f"base must be an Observer instance, got {self.base!r}")
+        object.__setattr__(self, "decay", decay)
 
     def batch_range(self, x, spec, lay):
         return self.base.batch_range(x, spec, lay)
@@ -302,6 +310,14 @@ def calibrate(
         Array([4.], dtype=float32)
     """
     observer = observer or MinMaxObserver()
+    if not isinstance(observer, Observer):
+        raise ValueError(f"calibrate: observer must be an Observer instance (e.g. MinMaxObserver()), "
+                         f"got {observer!r}")
+    if not callable(collect):
+        raise ValueError(f"calibrate: collect must be a function batch -> {{name: tensor}}, got "
+                         f"{collect!r}")
+    if batches is None:
+        raise ValueError("calibrate: batches is None; pass an iterable of batches")
     states: dict[str, RangeState] | None = None
 
     @jax.jit
@@ -312,6 +328,10 @@ def calibrate(
     kept: dict[str, tuple[int, ...]] = {}
     for index, batch in enumerate(batches):
         shapes = jax.eval_shape(collect, batch)
+        if not isinstance(shapes, Mapping) or not all(
+                isinstance(s, jax.ShapeDtypeStruct) for s in shapes.values()):
+            raise ValueError(f"calibrate: collect must return a flat {{name: tensor}} dict, got "
+                             f"{jax.tree.map(lambda s: s.shape, shapes)!r} for batch {index}")
         if states is None:
             states = {name: observer.init(s.shape, spec, name) for name, s in shapes.items()}
             kept = {name: layout(s.shape, spec, name).params_shape for name, s in shapes.items()}

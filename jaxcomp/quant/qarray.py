@@ -26,6 +26,7 @@ from jaxcomp.quant.numerics import (
     QuantParams,
     check_finite,
     check_float,
+    check_key,
     check_params,
     dequantize_codes,
     layout,
@@ -291,6 +292,10 @@ def quantize_tree(
         ('QArray', 10)
     """
     counter = iter(range(1 << 30))
+    if key is not None:
+        check_key(key, "quantize_tree: key")
+    if scales is not None and not isinstance(scales, Mapping):
+        raise ValueError(f"quantize_tree: scales must map paths to QuantParams, got {scales!r}")
     scales = dict(scales or {})
     if scales:
         chosen = set(selected_paths(params, where))

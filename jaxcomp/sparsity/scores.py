@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcomp._checks import check_key
 from jaxcomp.tree import assert_same_structure, key_path_str
 
 __all__ = [
@@ -123,6 +124,8 @@ class Random(Score):
     needs_key = True
 
     def __call__(self, params, grads, state, key):
+        if key is not None:
+            check_key(key, "Random scores: key")
         if key is None:
             raise ValueError("Random scores need a key: pass key=jax.random.key(...)")
         leaves, treedef = jax.tree.flatten(params)

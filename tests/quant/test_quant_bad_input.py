@@ -11,9 +11,16 @@ import pytest
 
 from jaxcomp.nn.quant import fake_quant_inputs
 from jaxcomp.quant import (
+    EMAObserver,
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
     QuantParams,
     QuantSpec,
+    calibrate,
     fake_quant,
+    fake_quant_tree,
+    kmeans_quantize,
     lsq_fake_quant,
     lsq_init,
     pact_fake_quant,
@@ -77,6 +84,16 @@ IMG = jnp.ones((1, 5, 5, 2))
          "w: key must be a jax.random key"),
         (lambda: quantize_tree({"k": X}, S8, scales={"k": 0.1}), "k: expected QuantParams"),
         (lambda: prepare_for_serving({"k": W}, where="typo"), "where='typo' selects no leaf"),
+        (lambda: quantize_tree({"k": X}, S8, key=0), "quantize_tree: key: key must be"),
+        (lambda: fake_quant_tree({"k": X}, S8, key=0), "fake_quant_tree: key: key must be"),
+        (lambda: qdot(X, W, act_params=0.1, path="layer"), "layer: expected QuantParams"),
+        (lambda: calibrate(lambda b: b, [X], S8), "collect must return a flat"),
+        (lambda: calibrate(lambda b: {"x": b}, [X], S8, observer=MinMaxObserver),
+         "observer must be an Observer instance"),
+        (lambda: PercentileObserver(percentile="99"), "percentile must be in"),
+        (lambda: MSEObserver(num_candidates=None), "num_candidates must be an int"),
+        (lambda: EMAObserver(base=None), "base must be an Observer"),
+        (lambda: kmeans_quantize(X, 2, iters=None), "iters must be an int"),
         (lambda: prepare_for_serving({"k": W}, batch_sizes=(2.5,)), "batch_sizes must be"),
     ],
 )
