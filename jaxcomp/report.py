@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_real
 from jaxcomp.core import bit_width, is_compressed, leaf_dtype, stored_nbytes
 from jaxcomp.flops import FlopCount
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
@@ -246,7 +247,13 @@ def report(
         (15, 60, 1.0)
     """
     keep = None if where is None else set(selected_paths(tree, where))
-    per_path = dict(getattr(flops, "per_path", flops) or {})
+    per_path = getattr(flops, "per_path", flops) or {}
+    if not isinstance(per_path, Mapping) or not all(
+            (as_real(v) if as_real(v) is not None else -1.0) >= 0 and math.isfinite(as_real(v))
+            for v in per_path.values()):
+        raise ValueError("report: flops must be a jaxcomp.FlopCount or a mapping from path to a "
+                         f"non-negative number, got {flops!r}")
+    per_path = dict(per_path)
     rows = tuple(
         _row(path, leaf, per_path.get(path) if flops is not None else None)
         for path, leaf in leaves_with_paths(tree)

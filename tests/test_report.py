@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from jaxcomp import report
@@ -78,3 +79,10 @@ def test_bytes_of_complex_python_scalar_and_key_leaves():
     # A key holds no weights: it does not make the total sparsity of a concrete tree unknown.
     state = nnx.state(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
     assert key.sparsity == 0.0 and report(state).totals.sparsity is not None
+
+
+@pytest.mark.parametrize("flops", [5, {"d/kernel": "x"}, [1, 2], {"d/kernel": -3}])
+def test_report_names_flops_it_cannot_read(flops):
+    """flops must be a FlopCount or a path -> number mapping."""
+    with pytest.raises(ValueError, match="report: flops must be"):
+        report({"d": {"kernel": jnp.ones((2, 2))}}, flops=flops)
