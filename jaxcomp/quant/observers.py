@@ -77,7 +77,12 @@ class Observer:
         Raises:
           ValueError: naming `path` when the spec's axes or groups do not fit `shape`.
         """
-        lay = layout(tuple(shape), spec, path)
+        try:
+            shape = tuple(shape)
+        except TypeError:
+            raise ValueError(f"{path}: an observer needs the tensor's shape (a tuple of ints), got "
+                             f"{shape!r}") from None
+        lay = layout(shape, spec, path)
         zeros = jnp.zeros(lay.params_shape, jnp.float32)
         return RangeState(zeros, zeros, jnp.zeros((), jnp.int32), jnp.ones((), bool))
 
@@ -98,7 +103,12 @@ class Observer:
         Raises:
           ValueError: naming `path` for a non-float `x` or a shape the spec does not fit.
         """
+        if x is None or isinstance(x, (str, bytes)):
+            raise ValueError(f"{path}: an observer needs a float array, got {x!r}")
         check_float(x, path)
+        x = jnp.asarray(x)
+        if x.size == 0:
+            raise ValueError(f"{path}: an empty batch (shape {x.shape}) has no range to observe")
         lay = layout(x.shape, spec, path)
         finite = jnp.all(jnp.isfinite(x))
         clean = jnp.where(jnp.isfinite(x), x, 0).astype(jnp.promote_types(x.dtype, jnp.float32))

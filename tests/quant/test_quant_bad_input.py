@@ -94,6 +94,11 @@ IMG = jnp.ones((1, 5, 5, 2))
         (lambda: MSEObserver(num_candidates=None), "num_candidates must be an int"),
         (lambda: EMAObserver(base=None), "base must be an Observer"),
         (lambda: kmeans_quantize(X, 2, iters=None), "iters must be an int"),
+        (lambda: MinMaxObserver().init(None, S8, "t"), "t: an observer needs the tensor's shape"),
+        (lambda: MinMaxObserver().update(MinMaxObserver().init((2, 3), S8), None, S8, "t"),
+         "t: an observer needs a float array"),
+        (lambda: PercentileObserver().update(PercentileObserver().init((0, 3), S8),
+                                             jnp.zeros((0, 3)), S8, "t"), "t: an empty batch"),
         (lambda: prepare_for_serving({"k": W}, batch_sizes=(2.5,)), "batch_sizes must be"),
     ],
 )
