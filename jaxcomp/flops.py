@@ -123,11 +123,11 @@ class _Counts(dict):
         old = self.conv_positions.get(path, (0, 0))
         self.conv_positions[path] = (old[0] + positions[0], old[1] + positions[1])
 
-    def merge_positions(self, other: _Counts) -> None:
-        """Positions of a branch that may run instead of others: the most of each."""
+    def add_positions(self, other: _Counts) -> None:
+        """Adds the positions of a part counted on its own (the branch of a cond that counts)."""
         for path, (n_in, n_out) in other.conv_positions.items():
             old = self.conv_positions.get(path, (0, 0))
-            self.conv_positions[path] = (max(old[0], n_in), max(old[1], n_out))
+            self.conv_positions[path] = (old[0] + n_in, old[1] + n_out)
 
 
 def _charge(counts: dict[str, int], origins: list[_Origin], flops: int) -> None:
@@ -196,17 +196,18 @@ def _walk_sub(
         return (carry + outs[n_carry:])[:n_out]
     if name == "cond":
         # Count the most expensive branch; outputs may come from any branch.
-        best: dict[str, int] | None = None
+        best: _Counts | None = None
         merged_outs = [_NONE] * n_out
         for branch in subs:
             branch_counts = _Counts()
             outs = _walk(branch, ins[1:], branch_counts, scale)
-            counts.merge_positions(branch_counts)
             merged_outs = [a | b for a, b in zip(merged_outs, outs)]
             if best is None or sum(branch_counts.values()) > sum(best.values()):
                 best = branch_counts
         for path, flops in (best or {}).items():
             counts[path] = counts.get(path, 0) + flops
+        if best is not None:  # the positions of the branch whose FLOPs count, added to the rest
+            counts.add_positions(best)
         return merged_outs
     if len(subs) == 1 and len(subs[0].invars) == len(ins) and len(subs[0].outvars) == n_out:
         return _walk(subs[0], ins, counts, scale)

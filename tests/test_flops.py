@@ -158,3 +158,25 @@ def test_each_convolution_kernel_records_its_positions():
     assert count.conv_positions == {"shared/kernel": (2 * 9 * 7 + 2 * 6 * 5, 2 * 7 * 5 + 2 * 4 * 3),
                                     "proj/kernel": (2 * 6 * 5, 2 * 6 * 5),
                                     "last/kernel": (2 * 4 * 3, 2 * 2 * 2)}
+
+
+def test_conv_positions_add_the_counted_branch_of_a_cond_to_the_other_calls():
+    """Positions inside a cond are those of the branch whose FLOPs count, added to the calls
+    outside it (not a per-component maximum, which no branch has)."""
+    import jax.lax as lax
+
+    def conv(x, w, stride, padding):
+        return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def f(p, x, y, flag):
+        out = conv(x, p["k"], 1, "VALID").sum()
+        return out + lax.cond(flag, lambda: conv(y, p["k"], 2, "SAME").sum(),
+                              lambda: conv(y, p["k"], 1, "VALID").sum())
+
+    params = {"k": jnp.ones((5, 5, 2, 3))}
+    count = count_flops(f, params, jnp.ones((1, 8, 8, 2)), jnp.ones((1, 12, 12, 2)), True)
+    # Outside: 8x8 -> 4x4. Inside, the VALID branch (12x12 -> 8x8) costs more than the strided
+    # SAME one (12x12 -> 6x6), so its positions are the ones added.
+    assert count.conv_positions["k"] == (64 + 144, 16 + 64)
+    assert count["k"] == 2 * 5 * 5 * 2 * 3 * (16 + 64)

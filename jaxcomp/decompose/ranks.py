@@ -199,14 +199,15 @@ class FlopBudget:
       conv_positions: `(input positions, output positions)` of each convolution summed over its
         calls, by kernel path: taken from a `FlopCount` given as `dense_flops` (which records
         them, exact for a layer called on inputs of several sizes), and filled in by
-        `decompose_linen` from its trace. They take precedence over `input_hw`. A convolution
-        with neither, whose padding can shrink its output (VALID, small explicit pads), is a
-        `ValueError` at allocation.
+        `decompose_linen` from its trace, except for paths whose `input_hw` is given by hand
+        (which takes precedence). A convolution with neither, whose padding can shrink its
+        output (VALID, small explicit pads), is a `ValueError` at allocation.
 
     Raises:
       ValueError: for a `total` that is not a positive int, `dense_flops` that is neither a
         `FlopCount` nor a mapping of positive numbers, `input_hw` that is not a mapping of
-        positive int pairs, or `conv_positions` that is not a mapping of positive int pairs.
+        positive int pairs, `conv_positions` that is not a mapping of positive int pairs, or a
+        path given both.
 
     Example:
         >>> FlopBudget(total=10**6, dense_flops={"Dense_0/kernel": 4 * 10**6}).total
@@ -225,17 +226,19 @@ class FlopBudget:
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
         object.__setattr__(self, "total", int(self.total))
         dense = self.dense_flops
+        input_hw = _int_pairs(self.input_hw, "input_hw", "(H, W)")
+        given = _int_pairs(self.conv_positions, "conv_positions", "(input positions, output positions)")
+        both = sorted(set(input_hw) & set(given))
+        if both:
+            raise ValueError(f"FlopBudget: {both} given both input_hw and conv_positions; give one")
         positions = {}
         if isinstance(dense, FlopCount):
-            positions = dict(dense.conv_positions)
+            # What is given by hand takes precedence over what the count recorded.
+            positions = {p: n for p, n in dense.conv_positions.items() if p not in input_hw}
             dense = dense.per_path
-        if not isinstance(self.conv_positions, Mapping):
-            raise ValueError(f"FlopBudget.conv_positions must map kernel paths to (input "
-                             f"positions, output positions), got {self.conv_positions!r}")
-        positions.update(self.conv_positions)
-        object.__setattr__(self, "input_hw", _int_pairs(self.input_hw, "input_hw", "(H, W)"))
-        object.__setattr__(self, "conv_positions", _int_pairs(
-            positions, "conv_positions", "(input positions, output positions)"))
+        positions.update(given)
+        object.__setattr__(self, "input_hw", input_hw)
+        object.__setattr__(self, "conv_positions", positions)
         if not isinstance(dense, Mapping):
             raise ValueError(
                 "FlopBudget.dense_flops must be a jaxcomp.FlopCount or a mapping from kernel path "

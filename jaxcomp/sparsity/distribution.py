@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_int
 from jaxcomp.sparsity._select import TINY, flat_index, lowest_k
 from jaxcomp.sparsity.schedules import check_array_sparsity, check_sparsity
 
@@ -231,8 +232,7 @@ def erk_sparsities(
             dims = tuple(shape)
         except TypeError:
             dims = None
-        if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                                   and d >= 1 for d in dims):
+        if dims is None or not all((as_int(d) or 0) >= 1 for d in dims):
             raise ValueError(f"{path}: erk_sparsities needs a shape of positive ints, got {shape!r}")
     paths = list(shapes)
     values = ERK(power).leaf_sparsities(jnp.float32(sparsity), 0, paths,

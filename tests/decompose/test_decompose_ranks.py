@@ -243,13 +243,21 @@ def test_a_flop_budget_over_a_tensor_train_whose_bonds_pay_off_only_together():
 
 
 def test_flop_budget_input_sizes_are_validated():
-    """input_hw maps kernel paths to (H, W) pairs of positive ints; a FlopCount supplies it."""
+    """input_hw maps kernel paths to (H, W) pairs of positive ints and wins over the positions
+    a FlopCount recorded; conv_positions takes (input, output) pairs."""
     assert FlopBudget(10, {"c": 5}, input_hw={"c": [8, np.int64(6)]}).input_hw == {"c": (8, 6)}
     for bad in ({"c": (8,)}, {"c": (0, 4)}, {"c": 8}, {"c": (8.0, 4)}, [("c", (8, 8))]):
         with pytest.raises(ValueError, match="FlopBudget.input_hw"):
             FlopBudget(10, {"c": 5}, input_hw=bad)
         with pytest.raises(ValueError, match="FlopBudget.conv_positions"):
             FlopBudget(10, {"c": 5}, conv_positions=bad)
+    # A size given by hand takes precedence over the positions a FlopCount recorded.
+    count = jaxcomp.FlopCount(total=5, per_path={"c": 5}, conv_positions={"c": (64, 16)})
+    budget = FlopBudget(10, count, input_hw={"c": (8, 8)})
+    assert budget.conv_positions == {} and budget.input_hw == {"c": (8, 8)}
+    assert FlopBudget(10, count).conv_positions == {"c": (64, 16)}
+    with pytest.raises(ValueError, match="given both input_hw and conv_positions"):
+        FlopBudget(10, {"c": 5}, input_hw={"c": (8, 8)}, conv_positions={"c": (64, 16)})
 
 
 def test_unreachable_budgets_and_missing_flops_raise():

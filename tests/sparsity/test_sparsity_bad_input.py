@@ -67,6 +67,7 @@ def test_array_scalars_are_numbers_and_compressed_leaves_pair_with_their_gradien
     assert ActivationSparsity(where="", keep_fraction=jnp.float32(0.5)).keep_fraction == 0.5
     assert ActivationSparsity(where="", threshold=np.float32(0.0)).threshold == 0.0
     assert sp.RigL(drop_fraction=np.array(0.25)).drop_fraction == 0.25
+    assert set(sp.erk_sparsities({"a": (jnp.int32(3), 4), "b": (4, 5)}, 0.5)) == {"a", "b"}
     q = quantize(jnp.ones((8, 4)), QuantSpec(channel_axes=(-1,)))
     params = {"a": q, "b": jnp.ones((2, 3))}
     grads = {"a": q, "b": jnp.ones((2, 3))}
