@@ -255,6 +255,8 @@ def count_flops(fn: Callable[..., Any], params: Any, *inputs: Any, **kwargs: Any
         >>> count_flops(lambda p, x: x @ p["w"], params, jnp.ones((2, 4))).per_path
         {'w': 48}
     """
+    if not callable(fn):
+        raise ValueError(f"count_flops: fn must be a function (params, *inputs) -> outputs, got {fn!r}")
     closed = jax.make_jaxpr(lambda p, *a: fn(p, *a, **kwargs))(params, *inputs)
     origins: list[_Origin] = []
     for path, leaf in leaves_with_paths(params):

@@ -180,3 +180,8 @@ def test_conv_positions_add_the_counted_branch_of_a_cond_to_the_other_calls():
     # SAME one (12x12 -> 6x6), so its positions are the ones added.
     assert count.conv_positions["k"] == (64 + 144, 16 + 64)
     assert count["k"] == 2 * 5 * 5 * 2 * 3 * (16 + 64)
+
+
+def test_count_flops_needs_a_function():
+    with pytest.raises(ValueError, match="count_flops: fn must be a function"):
+        count_flops(None, {}, jnp.ones(2))

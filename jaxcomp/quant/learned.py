@@ -252,6 +252,9 @@ def lsq_fake_quant_tree(
         >>> lsq_fake_quant_tree(params, steps, QuantSpec(bits=3))["Dense_0"]["kernel"]
         Array([[ 0.5, -1. ]], dtype=float32)
     """
+    if not isinstance(steps, Mapping):
+        raise ValueError(f"lsq_fake_quant_tree: steps must map paths to steps (lsq_init_tree), got "
+                         f"{steps!r}")
     known = path_dict(params)
     missing = [p for p in steps if p not in known]
     if missing:
@@ -361,7 +364,11 @@ def lsq_as_static(steps: Mapping[str, jax.Array]) -> dict[str, QuantParams]:
         >>> lsq_as_static({"Dense_0": jnp.float32(0.5)})["Dense_0"].scale
         Array(0.5, dtype=float32)
     """
+    if not isinstance(steps, Mapping):
+        raise ValueError(f"lsq_as_static: steps must map paths to steps (lsq_init_tree), got {steps!r}")
     for name, step in steps.items():
+        if not hasattr(step, "shape") and as_real(step) is None:
+            raise ValueError(f"{name}: an LSQ step must be an array or a number, got {step!r}")
         check_positive(step, "the LSQ step", name)
     return {name: QuantParams(jnp.maximum(jnp.asarray(step, jnp.float32), _TINY)) for name, step in steps.items()}
 

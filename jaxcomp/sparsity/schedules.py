@@ -109,6 +109,9 @@ def iterative_sparsity(steps: Sequence[int], sparsities: Sequence[float]) -> opt
         >>> [float(schedule(t)) for t in (0, 99, 100, 250)]
         [0.5, 0.5, 0.75, 0.875]
     """
+    for name, seq in (("steps", steps), ("sparsities", sparsities)):
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
+            raise ValueError(f"iterative_sparsity: {name} must be a sequence, got {seq!r}")
     steps = [_check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
     values = [check_sparsity(v, f"sparsities[{i}]") for i, v in enumerate(sparsities)]
     if not steps or len(steps) != len(values):

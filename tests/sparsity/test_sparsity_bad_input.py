@@ -35,6 +35,7 @@ def test_numpy_ints_are_ints():
         (lambda: sparsify_activation(jnp.zeros((0, 4)), ActivationSparsity(where="", top_k=1),
                                      path="act"), "act: an empty activation"),
         (lambda: sp.unstructured_mask(jnp.zeros((0, 3)), 0.5), "empty array"),
+        (lambda: sp.iterative_sparsity(0, 0.5), "steps must be a sequence"),
         (lambda: sp.channel_mask([1.0, 2.0], 0.5), "scores must be an array"),
         (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step="5"), "step must be an int"),
         (lambda: sp.compute_masks(K, sp.Pruner(sparsity=0.5), step=2.5), "step must be an int"),
