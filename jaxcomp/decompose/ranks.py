@@ -177,10 +177,9 @@ class ParamBudget:
     total: int
 
     def __post_init__(self):
-        if (isinstance(self.total, (bool, np.bool_))
-                or not isinstance(self.total, (int, np.integer)) or self.total < 1):
+        if (as_int(self.total) or 0) < 1:
             raise ValueError(f"ParamBudget.total must be a positive int, got {self.total!r}")
-        object.__setattr__(self, "total", int(self.total))
+        object.__setattr__(self, "total", as_int(self.total))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +220,9 @@ class FlopBudget:
                                                                       hash=False)
 
     def __post_init__(self):
-        if (isinstance(self.total, (bool, np.bool_))
-                or not isinstance(self.total, (int, np.integer)) or self.total < 1):
+        if (as_int(self.total) or 0) < 1:
             raise ValueError(f"FlopBudget.total must be a positive int, got {self.total!r}")
-        object.__setattr__(self, "total", int(self.total))
+        object.__setattr__(self, "total", as_int(self.total))
         dense = self.dense_flops
         input_hw = _int_pairs(self.input_hw, "input_hw", "(H, W)")
         given = _int_pairs(self.conv_positions, "conv_positions", "(input positions, output positions)")
@@ -316,10 +314,7 @@ def energy_rank(spectrum: np.ndarray, threshold: float) -> int:
         >>> energy_rank(np.array([3.0, 1.0, 0.1]), 0.85), energy_rank(np.array([3.0, 1.0, 0.1]), 0.95)
         (1, 2)
     """
-    real = isinstance(threshold, (int, float, np.integer, np.floating)) or (
-        isinstance(threshold, (np.ndarray, jax.Array)) and np.ndim(threshold) == 0
-        and np.issubdtype(np.asarray(threshold).dtype, np.floating))
-    if isinstance(threshold, (bool, np.bool_)) or not real or not 0.0 < float(threshold) <= 1.0:
+    if not 0.0 < (as_real(threshold) or 0.0) <= 1.0:
         raise ValueError(f"energy_rank: threshold must be a number in (0, 1], got {threshold!r}")
     try:
         s = np.asarray(spectrum, np.float64)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxcomp._checks import as_int
 from jaxcomp.decompose.ranks import RankModel
 
 __all__ = ["CPModel", "SVDModel", "TTModel", "Tucker2Model", "balanced_modes"]
@@ -89,7 +90,7 @@ def balanced_modes(n: int, order: int) -> tuple[int, ...]:
         ((16, 16, 16), (14, 8, 7), (5, 2))
     """
     for name, value in (("n", n), ("order", order)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if as_int(value) is None:
             raise ValueError(f"balanced_modes: {name} must be an int, got {value!r}")
     n, order = int(n), int(order)
     if n < 1 or order < 1:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from jaxcomp._checks import as_int
 from jaxcomp.core import is_compressed
 from jaxcomp.decompose import _host
 from jaxcomp.decompose.budget import allocate_ranks
@@ -20,7 +21,6 @@ from jaxcomp.decompose.factorize import (
     _check_iters,
     _check_seed,
     _cp_factors,
-    _is_int,
     _place_factors,
     _svd_method,
     _svd_factors,
@@ -190,7 +190,7 @@ def decompose_tree(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
-    if not _is_int(tt_order) or tt_order < 2:
+    if as_int(tt_order) is None or tt_order < 2:
         raise ValueError(f"tt_order must be an int >= 2, got {tt_order!r}")
     tt_order = int(tt_order)
     if n_iter_max is not None:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from jaxcomp._checks import as_int
 from jaxcomp.quant import tuning
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.matmul import (
@@ -114,9 +114,8 @@ def qconv(
             value = tuple(value)
         except TypeError:
             value = (value,)
-        if len(value) != n_spatial or not all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
-                for v in value):
+        if len(value) != n_spatial or not all((as_int(v) if as_int(v) is not None else low - 1) >= low
+                                              for v in value):
             raise ValueError(f"{path}: {name} must be {n_spatial} int(s) >= {low}, got {value!r}")
         return tuple(int(v) for v in value)
 
@@ -134,15 +133,13 @@ def qconv(
         except TypeError:
             pairs = None
         if pairs is None or len(pairs) != n_spatial or not all(
-                len(p) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                    for v in p) for p in pairs):
+                len(p) == 2 and all(as_int(v) is not None for v in p) for p in pairs):
             raise ValueError(f"{path}: padding must be a string or {n_spatial} (low, high) int "
                              f"pairs, got {padding!r}")
         padding = tuple((int(lo), int(hi)) for lo, hi in pairs)
     groups = feature_group_count
     in_features = x.shape[dn.lhs_spec[1]]
-    if (isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1
-            or in_features % groups):
+    if (as_int(groups) or 0) < 1 or in_features % as_int(groups):
         raise ValueError(f"{path}: feature_group_count must be a positive int dividing the "
                          f"{in_features} input features, got {groups!r}")
     if isinstance(padding, str) and any(d != 1 for d in lhs_dilation):

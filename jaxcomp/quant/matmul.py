@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcomp._checks import as_int
 from jaxcomp.quant import tuning
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.numerics import (
@@ -114,7 +115,7 @@ def _normalize_dims(dimension_numbers, x_ndim: int, w_ndim: int, path: str):
     def axes(values, ndim):
         out = []
         for a in values:
-            if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+            if as_int(a) is None or not -ndim <= a < ndim:
                 raise ValueError(f"{path}: dimension_numbers {dimension_numbers!r} name axis {a!r}, "
                                  f"not an axis of a rank-{ndim} operand")
             out.append(int(a) % ndim)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_int
 from jaxcomp.quant import tuning
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS, qdot
 from jaxcomp.quant.qarray import QArray
@@ -69,8 +70,7 @@ def prepare_for_serving(
         sizes = tuple(batch_sizes)
     except TypeError:
         sizes = ()
-    if not sizes or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
-                            for b in sizes):
+    if not sizes or not all((as_int(b) or 0) >= 1 for b in sizes):
         raise ValueError(f"batch_sizes must be a non-empty sequence of positive ints, got "
                          f"{batch_sizes!r}")
     sizes = tuple(int(b) for b in sizes)

@@ -26,15 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp._checks import as_real
+from jaxcomp._checks import as_int, as_real
 from jaxcomp.sparsity._select import lowest_k
 
 __all__ = ["RigL", "SET", "drop_and_grow"]
 
 
 def _positive_int(value: object) -> bool:
-    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
-            and 1 <= value < 2**31)
+    return 1 <= (as_int(value) or 0) < 2**31
 
 
 def _check(name: str, update_every: int, end_step: int, drop_fraction: float) -> None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxcomp._checks import as_int
 from jaxcomp.sparsity._select import finite, lowest_k, sanitize
 from jaxcomp.sparsity.schedules import check_array_sparsity
 
@@ -35,17 +36,10 @@ __all__ = ["Block", "Channel", "Granularity", "NM", "Unstructured", "block_mask"
 Pool = Literal["mean", "max"]
 
 
-def _int(value: object) -> int | None:
-    """`value` as a Python int when it is a (NumPy) integer and not a bool, else None."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        return None
-    return int(value)
-
-
 def _check_axis(axis: object, what: str) -> int:
-    if _int(axis) is None:
+    if as_int(axis) is None:
         raise ValueError(f"{what}: axis must be an int, got axis={axis!r}")
-    return _int(axis)
+    return as_int(axis)
 
 
 def _normalize_axis(path: str, axis: int, ndim: int, what: str) -> int:
@@ -122,7 +116,7 @@ class NM(Granularity):
     axis: int = -2
 
     def __post_init__(self):
-        m, n = _int(self.m), _int(self.n)
+        m, n = as_int(self.m), as_int(self.n)
         if m is None or m < 1:
             raise ValueError(f"NM: m must be a positive int, got m={self.m!r}")
         if n is None or not 1 <= n <= m:
@@ -195,10 +189,10 @@ class Block(Granularity):
 
     def __post_init__(self):
         shape = self.shape
-        if _int(shape) is not None:
+        if as_int(shape) is not None:
             shape = (int(shape), int(shape))
         shape = tuple(shape) if isinstance(shape, (tuple, list)) else ()
-        if not shape or not all(_int(b) is not None and b >= 1 for b in shape):
+        if not shape or not all(as_int(b) is not None and b >= 1 for b in shape):
             raise ValueError(f"Block: shape must be a tuple of positive ints, got {self.shape!r}")
         shape = tuple(int(b) for b in shape)
         if self.pool_by not in ("mean", "max"):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp._checks import as_int
 from jaxcomp.core import is_compressed
 from jaxcomp.sparsity._select import lowest_k
 from jaxcomp.sparsity.distribution import Distribution, Uniform, keep_best
@@ -434,8 +435,7 @@ def compute_masks(
         if group.score.needs_key and key is None:
             raise ValueError(f"the {name} score of rule {group.index} needs key=")
     if not isinstance(step, jax.core.Tracer):
-        if (isinstance(step, (bool, np.bool_)) or not np.issubdtype(np.asarray(step).dtype, np.integer)
-                or np.ndim(step) != 0 or not 0 <= int(step) < 2**31):
+        if not 0 <= (as_int(step) if as_int(step) is not None else -1) < 2**31:
             raise ValueError(f"step must be an int in [0, 2**31), got {step!r}")
         # A concrete step: the schedules' values there are checked, not silently clipped.
         for group in groups:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcomp._checks import as_int
+
 __all__ = [
     "constant_sparsity",
     "iterative_sparsity",
@@ -57,10 +59,9 @@ def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") ->
 
 def _check_step(value: int, what: str) -> int:
     # Steps count in int32 (the wrapper's state and jnp step arrays).
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-            or not 0 <= value < 2**31):
+    if as_int(value) is None or not 0 <= value < 2**31:
         raise ValueError(f"{what} must be an int in [0, 2**31), got {value!r}")
-    return int(value)
+    return as_int(value)
 
 
 def constant_sparsity(sparsity: float) -> optax.Schedule:
@@ -173,10 +174,9 @@ def polynomial_sparsity(
     end = _check_step(end_step, "end_step")
     if end < begin:
         raise ValueError(f"end_step={end} precedes begin_step={begin}")
-    if (isinstance(frequency, (bool, np.bool_)) or not isinstance(frequency, (int, np.integer))
-            or frequency < 1):
+    if (as_int(frequency) or 0) < 1:
         raise ValueError(f"frequency must be a positive int, got {frequency!r}")
-    frequency = int(frequency)
+    frequency = as_int(frequency)
     if not power > 0:
         raise ValueError(f"power must be positive, got {power!r}")
     span = max(end - begin, 1)

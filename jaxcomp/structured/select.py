@@ -10,18 +10,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxcomp._checks import as_int, as_real
 from jaxcomp.structured.groups import ChannelGroup, check_groups
 
 __all__ = ["kept_count", "select_channels"]
 
 
 def _check_ratio(value: Any, what: str) -> float:
-    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and not isinstance(
-            value, jax.core.Tracer):
-        value = value.item()  # a 0-d jnp or NumPy array reads as its Python number
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    number = as_real(value)  # Python, NumPy or 0-d array numbers
+    if number is None:
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
-    value = float(value)
+    value = number
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{what} must be in [0, 1), got {value!r}")
     return value
@@ -29,9 +28,9 @@ def _check_ratio(value: Any, what: str) -> float:
 
 def _check_count(value: Any, what: str) -> int:
     """`value` as a Python int >= 1 (NumPy integers accepted), or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if (as_int(value) or 0) < 1:
         raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return as_int(value)
 
 
 def kept_count(size: int, ratio: float, *, min_channels: int = 1, round_to: int = 1) -> int:
