@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcomp.core import is_compressed
+from jaxcomp.flops import count_flops
 from jaxcomp.decompose.apply import factorized_apply
 from jaxcomp.decompose.leaves import CPKernel, ConvSpec, Factorized, SVDKernel, TTKernel, Tucker2Kernel
 from jaxcomp.decompose.ranks import FlopBudget, RankRule
@@ -344,14 +344,13 @@ def intercept_factorized() -> Iterator[None]:
 
 
 def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
-                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str], dict[str, tuple], dict]:
+                   ) -> tuple[dict[str, ConvSpec], set[str], dict[str, str], dict[str, ValueError]]:
     """Traces the model once: the nn.Conv specs, the kernel paths of the layers the interceptor
-    runs, the module type of every other layer with a `kernel` param, by kernel path, the input
-    and output positions of each nn.Conv summed over its calls, and the unsupported convs."""
+    runs, the module type of every other layer with a `kernel` param, by kernel path, and the
+    convolutions the factors cannot run."""
     specs: dict[str, ConvSpec] = {}
     runnable: set[str] = set()
     others: dict[str, str] = {}
-    positions: dict[str, tuple[int, int]] = {}
     unsupported: dict[str, ValueError] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -367,14 +366,6 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
                         unsupported[path] = error
                         return next_fun(*call_args, **call_kwargs)
                 runnable.add(path)
-                if path in specs:
-                    x = call_args[0] if call_args else call_kwargs.get("inputs")
-                    y = next_fun(*call_args, **call_kwargs)
-                    n_in = math.prod(getattr(x, "shape", (0,))[:-1])
-                    n_out = math.prod(getattr(y, "shape", (0,))[:-1])
-                    old = positions.get(path, (0, 0))
-                    positions[path] = (old[0] + n_in, old[1] + n_out)
-                    return y
             elif kernel is not None:
                 others[path] = type(module).__name__
         return next_fun(*call_args, **call_kwargs)
@@ -387,8 +378,7 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
     for path in unsupported:
         runnable.discard(path)
         specs.pop(path, None)
-    positions = {p: n for p, n in positions.items() if p in specs and min(n) > 0}
-    return specs, runnable, others, positions, unsupported
+    return specs, runnable, others, unsupported
 
 
 def conv_specs_linen(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> dict[str, ConvSpec]:
@@ -458,12 +448,14 @@ def decompose_linen(
         >>> out["params"]["Conv_1"]["kernel"].kind
         'Tucker2'
     """
-    specs, runnable, others, positions, unsupported = _linen_kernels(model, variables, args, kwargs)
+    specs, runnable, others, unsupported = _linen_kernels(model, variables, args, kwargs)
     if isinstance(ranks, FlopBudget):
-        # The traced positions fix what the factors of each convolution cost; positions the
-        # budget already has (from a FlopCount, or given) take precedence, and sizes given by
-        # hand (input_hw) too.
-        traced = {p: n for p, n in positions.items() if p not in ranks.input_hw}
+        # The positions each convolution runs on, as count_flops records them on these inputs,
+        # fix what its factors cost; positions the budget already has (from a FlopCount, or
+        # given) take precedence, and sizes given by hand (input_hw) too.
+        count = count_flops(lambda p, *a: model.apply({**variables, "params": p}, *a, **kwargs),
+                            variables["params"], *args)
+        traced = {p: n for p, n in count.conv_positions.items() if p not in ranks.input_hw}
         ranks = dataclasses.replace(ranks, dense_flops=dict(ranks.dense_flops),
                                     conv_positions={**traced, **ranks.conv_positions})
     if isinstance(where, str) and where == DEFAULT_WHERE:
