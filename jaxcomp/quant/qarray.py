@@ -141,14 +141,27 @@ def _materialize(q: QArray) -> jax.Array:
     return dequantize_codes(q.codes(), q.params, q.spec, q.dtype)
 
 
+def _is_code_dtype(dtype: np.dtype) -> bool:
+    # ml_dtypes' int4/int2/float8 have NumPy kind "V": ask JAX what they are.
+    return bool(jnp.issubdtype(dtype, jnp.integer)
+                or (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1))
+
+
 def pack_bits(codes: np.ndarray) -> np.ndarray:
     """Packs a numpy array of int2/int4/int8/int16/float8 codes into `uint8` (low bits first).
+
+    Raises:
+      ValueError: for an array that does not hold integer or float8 codes.
 
     Example:
         >>> pack_bits(np.array([1, -1, 0, 2], dtype=jnp.int4))
         array([241,  32], dtype=uint8)
     """
-    codes = np.ascontiguousarray(codes).reshape(-1)
+    codes = np.ascontiguousarray(codes)
+    if not _is_code_dtype(codes.dtype):
+        raise ValueError(f"pack_bits packs integer or float8 codes, got an array of dtype "
+                         f"{codes.dtype} (quantize first, e.g. jaxcomp.quant.quantize)")
+    codes = codes.reshape(-1)
     width = bit_width(codes.dtype)
     raw = codes.view(np.uint8) if codes.dtype.itemsize == 1 else codes.astype(codes.dtype.newbyteorder("<")).view(np.uint8)
     if width >= 8:

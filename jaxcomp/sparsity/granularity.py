@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -310,12 +310,20 @@ def pruned_units(sparsity: jax.typing.ArrayLike, units: int) -> jax.Array:
     return jnp.clip(k, 0, max(units - 1, 0)).astype(jnp.int32)
 
 
+def _check_scores(scores: Any) -> None:
+    if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):
+        raise ValueError(f"scores must be an array, got {type(scores).__name__}")
+    dtype = scores.dtype
+    if not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"scores must be a real array, got dtype {scores.dtype}")
+
+
 def _structured_mask(
     granularity: Granularity, scores: jax.Array, sparsity: jax.typing.ArrayLike
 ) -> jax.Array:
     check_array_sparsity(sparsity)
-    if not hasattr(scores, "shape"):
-        raise ValueError(f"scores must be an array, got {type(scores).__name__}")
+    _check_scores(scores)
     shape = tuple(scores.shape)
     if 0 in shape:
         raise ValueError(f"scores: an empty array (shape {shape}) has nothing to prune")
@@ -357,6 +365,7 @@ def nm_mask(scores: jax.Array, n: int = 2, m: int = 4, axis: int = -2) -> jax.Ar
         Array([[False,  True, False,  True]], dtype=bool)
     """
     granularity = NM(n=n, m=m, axis=axis)
+    _check_scores(scores)
     granularity.check("scores", tuple(scores.shape))
     return granularity.select(scores)
 

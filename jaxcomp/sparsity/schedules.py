@@ -64,6 +64,25 @@ def _check_step(value: int, what: str) -> int:
     return as_int(value)
 
 
+def _steps(step: jax.typing.ArrayLike) -> jax.Array:
+    """A schedule's argument as int32: an int or an integer array (traced or not); a float step
+    is not silently truncated, nor a step past int32 silently wrapped."""
+    dtype = getattr(step, "dtype", None)
+    if dtype is None:
+        number = as_int(step)
+        if number is None:
+            raise ValueError(f"a sparsity schedule takes an integer step, got {step!r}")
+        step = np.asarray(number)
+    elif not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"a sparsity schedule takes integer steps, got an array of dtype {dtype}")
+    if not isinstance(step, jax.core.Tracer):
+        array = np.asarray(step)
+        if array.size and not (-2**31 <= array.min() and array.max() < 2**31):
+            raise ValueError(f"a sparsity schedule's step must fit in int32, got "
+                             f"{array.max() if array.max() >= 2**31 else array.min()}")
+    return jnp.asarray(step).astype(jnp.int32)
+
+
 def constant_sparsity(sparsity: float) -> optax.Schedule:
     """The same sparsity at every step (masks computed once, on the first step).
 
@@ -75,7 +94,7 @@ def constant_sparsity(sparsity: float) -> optax.Schedule:
         0.5
     """
     sparsity = check_sparsity(sparsity)
-    return lambda step: jnp.full(jnp.shape(step), sparsity, jnp.float32)
+    return lambda step: jnp.full(jnp.shape(_steps(step)), sparsity, jnp.float32)
 
 
 def one_shot_sparsity(sparsity: float, step: int = 0) -> optax.Schedule:
@@ -91,7 +110,7 @@ def one_shot_sparsity(sparsity: float, step: int = 0) -> optax.Schedule:
     """
     sparsity = check_sparsity(sparsity)
     at = _check_step(step, "step")
-    return lambda t: jnp.where(jnp.asarray(t) >= at, jnp.float32(sparsity), jnp.float32(0.0))
+    return lambda t: jnp.where(_steps(t) >= at, jnp.float32(sparsity), jnp.float32(0.0))
 
 
 def iterative_sparsity(steps: Sequence[int], sparsities: Sequence[float]) -> optax.Schedule:
@@ -126,7 +145,7 @@ def iterative_sparsity(steps: Sequence[int], sparsities: Sequence[float]) -> opt
     table = jnp.asarray([0.0, *values], jnp.float32)
 
     def schedule(step):
-        index = jnp.sum(jnp.asarray(step)[..., None] >= boundaries, axis=-1)
+        index = jnp.sum(_steps(step)[..., None] >= boundaries, axis=-1)
         return table[index]
 
     return schedule
@@ -182,7 +201,7 @@ def polynomial_sparsity(
     span = max(end - begin, 1)
 
     def schedule(step):
-        step = jnp.asarray(step, jnp.int32)
+        step = _steps(step)
         on_grid = begin + (jnp.maximum(step - begin, 0) // frequency) * frequency
         at = jnp.where(step >= end, end, jnp.minimum(on_grid, end))
         progress = (at - begin).astype(jnp.float32) / span

@@ -50,6 +50,14 @@ def test_pack_unpack_round_trips_every_code(dtype, data):
     np.testing.assert_array_equal(out.astype(np.int32), codes)
 
 
+@pytest.mark.parametrize("codes", [None, [1.5], np.array([1.5]), np.array([1.0], jnp.bfloat16),
+                                   np.array(["a"])])
+def test_pack_bits_takes_only_codes(codes):
+    """Floats, lists and objects are not codes: packing their raw bytes would be no format."""
+    with pytest.raises(ValueError, match="pack_bits packs integer or float8 codes"):
+        pack_bits(codes)
+
+
 def test_fp8_values_pack_one_byte_each():
     """float8 codes are stored and packed a byte per element."""
     q = quantize(W, QuantSpec(fp8="e4m3", channel_axes=(-1,)))

@@ -46,11 +46,35 @@ def test_numpy_ints_are_ints():
         (lambda: sparsify_activation(jnp.ones((2, 4), jnp.int32),
                                      ActivationSparsity(where="", top_k=1), path="act"),
          "act: expected a float activation"),
+        (lambda: sp.nm_mask(None), "scores must be an array, got NoneType"),
+        (lambda: sp.nm_mask([[1.0, 2.0, 3.0, 4.0]], axis=-1), "scores must be an array"),
+        (lambda: sp.unstructured_mask(jnp.ones(4, jnp.complex64), 0.5), "must be a real array"),
+        (lambda: sp.block_mask(np.array([["a"] * 4] * 4), 0.5, (2, 2)), "must be a real array"),
+        # Schedules called eagerly: no OverflowError past int32, no silently truncated float.
+        (lambda: sp.polynomial_sparsity(0.5, begin_step=0, end_step=4)(2**31), "fit in int32"),
+        (lambda: sp.constant_sparsity(0.5)(np.array([0, 2**40])), "fit in int32"),
+        (lambda: sp.one_shot_sparsity(0.5, 2)(1.5), "takes an integer step, got 1.5"),
+        (lambda: sp.iterative_sparsity([0], [0.5])(None), "takes an integer step, got None"),
+        (lambda: sp.polynomial_sparsity(0.5, begin_step=0, end_step=4)(jnp.float32(2.0)),
+         "integer steps, got an array of dtype float32"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_schedules_take_ints_numpy_ints_and_integer_arrays():
+    """Every step form the wrapper, jit and a user can pass gives the same value."""
+    import jax
+
+    for schedule in (sp.polynomial_sparsity(0.5, begin_step=0, end_step=4),
+                     sp.constant_sparsity(0.5), sp.one_shot_sparsity(0.5, 2),
+                     sp.iterative_sparsity([0, 3], [0.25, 0.5])):
+        expected = [float(schedule(t)) for t in range(6)]
+        assert [float(schedule(np.int64(t))) for t in range(6)] == expected
+        np.testing.assert_array_equal(schedule(jnp.arange(6)), expected)
+        assert [float(jax.jit(schedule)(jnp.int32(t))) for t in range(6)] == expected
 
 
 def test_straight_through_masks_may_broadcast_to_the_weights():
