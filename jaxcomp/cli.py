@@ -62,7 +62,9 @@ def run_demo(
 
     Returns:
       A dict of figures: `accuracy` (the final, pruned and quantized model), `accuracy_dense`,
-      `accuracy_pruned`, `sparsity`, `params`, `params_bytes` (as stored), `dense_bytes`,
+      `accuracy_pruned`, `sparsity` (zeros among all params, biases included),
+      `kernel_sparsity` (among the pruned kernels), `params`, `params_bytes` (as stored),
+      `dense_bytes`,
       `compression_ratio`, `train_seconds`, ...
 
     Raises:
@@ -162,6 +164,7 @@ def run_demo(
         "accuracy_dense": accuracy_dense,
         "accuracy_pruned": accuracy_pruned,
         "sparsity": size.totals.sparsity,
+        "kernel_sparsity": float(sp.sparsity_of(variables["params"], where=r".*kernel").total),
         "bits": bits,
         "epochs": epochs,
         "prune_epochs": prune_epochs if sparsity > 0 else 0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
@@ -251,8 +252,10 @@ def _unit_rows(x: jax.Array) -> jax.Array:
     """Each example's features scaled to unit L2 norm; an all-zero example stays zero."""
     x = x.reshape(x.shape[0], -1)
     # Dividing by the largest magnitude first keeps tiny features from underflowing in the norm;
-    # the wheres keep the zero row's 0/0 out of values and gradients.
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    # the wheres keep the zero row's 0/0 out of values and gradients. The result does not depend
+    # on the scale, so its gradient is exactly zero: stopping it keeps the -x / scale**2 term,
+    # which overflows for features near 1e-20, out of the backward pass.
+    scale = lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
     x = x / jnp.where(scale > 0, scale, 1)
     squared = jnp.sum(x * x, axis=-1, keepdims=True)
     return x / jnp.sqrt(jnp.where(squared > 0, squared, 1))

@@ -27,6 +27,7 @@ def test_demo_trains_prunes_quantizes_and_ends_with_a_json_line_of_real_figures(
     assert figures["params_bytes"] * figures["compression_ratio"] == pytest.approx(
         figures["dense_bytes"])
     assert 0.45 < figures["sparsity"] < 0.5  # kernels at 50%, biases dense
+    assert abs(figures["kernel_sparsity"] - 0.5) < 1e-3
     assert any(line.startswith("epoch   1/2") for line in lines)
     assert any(line.startswith("  prune epoch   2/2") for line in lines)
     assert any(line.startswith("path") for line in lines)  # the report table

@@ -116,6 +116,19 @@ def test_normalized_features_are_safe_for_zero_and_tiny_examples():
     assert float(tiny) < 1e-10
 
 
+@pytest.mark.parametrize("size", [1e-19, 1e-20, 1e-30])
+def test_normalized_feature_gradients_of_tiny_features_are_finite_and_exact(size):
+    """The loss is scale-free, so its gradient at c * x is the gradient at x divided by c; the
+    scale's own -x / scale**2 term (which overflowed to inf or NaN) must not enter it."""
+    student = jnp.array([[0.3, -1.0, 0.5, 2.0], [1.0, 0.2, -0.4, 0.0]])
+    teacher = jnp.array([[1.0, 0.0, 0.5, 1.0], [0.5, 0.5, 0.5, -0.5]])
+    grad = jax.grad(lambda f: feature_distillation_loss(f, teacher, normalize=True))
+    at_one = np.asarray(grad(student), np.float64)
+    at_tiny = np.asarray(grad(student * size), np.float64)
+    assert np.isfinite(at_tiny).all()
+    np.testing.assert_allclose(at_tiny * size, at_one, rtol=1e-4, atol=1e-6)
+
+
 def test_traced_temperature_and_labels_work_under_jit():
     """A traced temperature is not checked; an out-of-range traced label makes the loss NaN."""
     loss = jax.jit(lambda t, y: distillation_loss(S, T, y, temperature=t))
