@@ -114,22 +114,46 @@ def _assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _kmeans(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
+    """Lloyd's 1-D k-means, linearly initialised; exact zeros (pruned weights), if any, get a
+    centroid of their own pinned at 0.0 and the other weights share the other k - 1."""
     flat = x.reshape(-1).astype(jnp.float32)
-    centroids = jnp.linspace(flat.min(), flat.max(), k)
+    nonzero = flat != 0
+    pin = ~jnp.all(nonzero)
+    free = k - pin.astype(jnp.int32)  # centroids the clustered weights share
+    counted = jnp.where(pin, nonzero, True)  # the weights that are clustered
+    lo = jnp.min(jnp.where(counted, flat, jnp.inf))
+    hi = jnp.max(jnp.where(counted, flat, -jnp.inf))
+    lo, hi = jnp.where(jnp.any(counted), lo, 0.0), jnp.where(jnp.any(counted), hi, 0.0)
+    slots = jnp.arange(k)
+    # Unused slots (the last one when pinning) sit at +inf: never nearest, and last once sorted.
+    centroids = jnp.where(slots < free,
+                          lo + (hi - lo) * slots / jnp.maximum(free - 1, 1).astype(jnp.float32),
+                          jnp.inf)
+    weight = counted.astype(jnp.float32)
 
     def step(_, c):
         idx = _assign(flat, c)
-        sums = jax.ops.segment_sum(flat, idx, num_segments=k)
-        counts = jax.ops.segment_sum(jnp.ones_like(flat), idx, num_segments=k)
+        sums = jax.ops.segment_sum(flat * weight, idx, num_segments=k)
+        counts = jax.ops.segment_sum(weight, idx, num_segments=k)
         # An empty cluster keeps its centroid; sorting keeps the midpoint search valid.
         return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), c))
 
     centroids = jax.lax.fori_loop(0, iters, step, centroids)
-    return _assign(flat, centroids).reshape(x.shape), centroids
+    idx = _assign(flat, centroids)
+    # Pinning: 0.0 takes the +inf slot; it sits after the `below` centroids that are negative.
+    below = jnp.sum(centroids < 0)
+    table = jnp.where(pin, jnp.sort(jnp.where(slots < free, centroids, 0.0)), centroids)
+    idx = jnp.where(pin, jnp.where(nonzero, idx + (idx >= below), below), idx)
+    return idx.reshape(x.shape), table
 
 
 def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x") -> Codebook:
     """Deep Compression weight sharing: 1-D k-means with `2**bits` linearly initialised centroids.
+
+    Exact zeros (the weights a pruned model has removed) are not clustered with the others, as in
+    Deep Compression, where only the surviving weights are: they get one centroid of their own,
+    pinned at 0.0, and the other weights share the other `2**bits - 1`. A pruned model stays
+    pruned; a tensor without zeros uses all `2**bits` centroids.
 
     Args:
       x: a float array (one table for the whole tensor).
@@ -256,11 +280,14 @@ class CodebookFinetuneState(NamedTuple):
       centroids: `{path: centroids}`, updated every step.
       inner_state: the wrapped optimizer's state, over the params with each shared weight
         replaced by its centroid table.
+      pinned: `{path: bool (centroids,)}`, the centroids held at 0.0 (those that started at
+        exactly 0.0: the pruned weights' centroid of `kmeans_quantize`).
     """
 
     indices: dict[str, jax.Array]
     centroids: dict[str, jax.Array]
     inner_state: Any
+    pinned: dict[str, jax.Array]
 
 
 def codebook_finetune(
@@ -273,6 +300,10 @@ def codebook_finetune(
     (`segment_sum`), lets `optimizer` update the centroids (and every other param as usual), and
     returns the dense updates that move each shared weight to its new centroid.
     `finetuned_codebooks(opt_state, params)` gives the `Codebook` leaves back.
+
+    A centroid that starts at exactly 0.0 stays there, with no gradient: it holds the weights
+    that pruning removed (see `kmeans_quantize`), so a pruned model stays pruned, as in Deep
+    Compression, where the pruned weights are held at zero while the centroids train.
 
     Args:
       optimizer: any optax optimizer (it sees centroid tables in place of shared weights).
@@ -292,8 +323,8 @@ def codebook_finetune(
         >>> tx = codebook_finetune(optax.sgd(0.1), books)
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": jnp.ones(4)}, state, params)
-        >>> np.asarray(finetuned_codebooks(state, params)["w"].centroids).round(2)
-        array([-0.1,  0.2,  0.6,  0.9], dtype=float32)
+        >>> np.asarray(finetuned_codebooks(state, params)["w"].centroids).round(2)  # 0.0: pinned
+        array([0. , 0.2, 0.6, 0.9], dtype=float32)
     """
     books = {p: leaf for p, leaf in path_dict(codebooks).items() if isinstance(leaf, Codebook)}
     if not books:
@@ -313,13 +344,16 @@ def codebook_finetune(
                                  f"its codebook {book.shape}")
         indices = {p: b.indices for p, b in books.items()}
         centroids = {p: b.centroids for p, b in books.items()}
-        return CodebookFinetuneState(indices, centroids, optimizer.init(trainable(params, centroids)))
+        pinned = {p: b.centroids == 0 for p, b in books.items()}
+        return CodebookFinetuneState(indices, centroids, optimizer.init(trainable(params, centroids)),
+                                     pinned)
 
     def update(updates, state, params=None, **extra_args):
         def centroid_grad(path, grad):
             idx = state.indices[path].astype(jnp.int32).reshape(-1)
             k = state.centroids[path].shape[0]
-            return jax.ops.segment_sum(grad.reshape(-1), idx, num_segments=k)
+            summed = jax.ops.segment_sum(grad.reshape(-1), idx, num_segments=k)
+            return jnp.where(state.pinned[path], jnp.zeros((), summed.dtype), summed)
 
         grads = map_selected(centroid_grad, updates, where=lambda p, _: p in state.indices,
                              with_path=True)
@@ -327,7 +361,9 @@ def codebook_finetune(
         inner_updates, inner_state = optimizer.update(grads, state.inner_state, inner_params,
                                                       **extra_args)
         flat = path_dict(inner_updates)
-        centroids = {p: state.centroids[p] + flat[p] for p in state.centroids}
+        # Pinned centroids stay exactly 0.0 whatever the optimizer does (weight decay, ...).
+        centroids = {p: jnp.where(state.pinned[p], 0.0, state.centroids[p] + flat[p])
+                     .astype(state.centroids[p].dtype) for p in state.centroids}
 
         def dense_update(path, leaf):
             tied = centroids[path][state.indices[path].astype(jnp.int32)]
@@ -339,7 +375,8 @@ def codebook_finetune(
         dense_updates = map_selected(lambda path, _: flat[path], dense_updates,
                                      where=lambda p, _: p not in centroids, with_path=True,
                                      allow_empty=True)
-        return dense_updates, CodebookFinetuneState(state.indices, centroids, inner_state)
+        return dense_updates, CodebookFinetuneState(state.indices, centroids, inner_state,
+                                                    state.pinned)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

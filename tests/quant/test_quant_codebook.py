@@ -82,6 +82,68 @@ def test_codebook_trees_and_bad_input_name_the_path():
         power_of_two_quantize(jnp.ones(3, jnp.int32), 4)
 
 
+def _lloyd(x, k, iters):
+    """Reference 1-D k-means in numpy: linear initialisation, empty clusters keep their centroid."""
+    c = np.linspace(x.min(), x.max(), k)
+    for _ in range(iters):
+        idx = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="left")
+        c = np.sort([x[idx == j].mean() if np.any(idx == j) else c[j] for j in range(k)])
+    return c
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.7, 0.95])
+def test_kmeans_keeps_pruned_weights_at_zero_and_clusters_the_rest(bits, sparsity):
+    """Deep Compression clusters the surviving weights: the zeros get a centroid pinned at 0.0,
+    the others share 2**bits - 1 centroids, the ones numpy's k-means finds on them alone."""
+    x = np.asarray(W, np.float64).ravel()
+    x[np.argsort(np.abs(x))[: int(sparsity * x.size)]] = 0.0
+    cb = kmeans_quantize(jnp.asarray(x.reshape(W.shape), jnp.float32), bits, iters=30)
+    dense = np.asarray(cb.materialize()).ravel()
+    assert np.all(dense[x == 0] == 0.0) and np.count_nonzero(dense[x != 0]) == np.count_nonzero(x)
+    centroids = np.asarray(cb.centroids)
+    assert np.count_nonzero(centroids == 0.0) >= 1 and np.all(np.diff(centroids) >= 0)
+    free = np.delete(centroids, np.flatnonzero(centroids == 0.0)[0])
+    np.testing.assert_allclose(free, _lloyd(x[x != 0].astype(np.float32), 2**bits - 1, 30),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_kmeans_without_zeros_uses_every_centroid_and_all_zeros_stay_zero():
+    """A dense tensor is clustered into 2**bits centroids as before; an all-zero tensor, or
+    one under jit, works too."""
+    x = np.asarray(W, np.float32).ravel()
+    np.testing.assert_allclose(np.asarray(kmeans_quantize(W, 3).centroids), _lloyd(x, 8, 30),
+                               rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(kmeans_quantize(jnp.zeros((3, 2)), 2).materialize()) == 0)
+    pruned = jnp.where(jnp.abs(W) < 0.5, 0.0, W)
+    jitted = jax.jit(lambda w: kmeans_quantize(w, 2).materialize())(pruned)
+    np.testing.assert_array_equal(jitted, kmeans_quantize(pruned, 2).materialize())
+
+
+def test_finetune_holds_the_pruned_weights_at_zero():
+    """The centroid pinned at 0.0 gets no gradient and no update (not even weight decay's):
+    fine-tuning a pruned and shared model leaves it exactly as sparse."""
+    pruned = jnp.where(jnp.abs(W) < 1.0, 0.0, W)
+    books = kmeans_tree({"w": pruned}, 4)
+    params = jaxcomp.materialize(books)
+    tx = codebook_finetune(optax.adamw(0.05, weight_decay=0.1), books)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(lambda q: jnp.mean((q["w"] - 0.3) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(3):
+        params, state = step(params, state)
+    assert np.all(np.asarray(params["w"])[np.asarray(pruned) == 0] == 0.0)
+    result = finetuned_codebooks(state, params)["w"]
+    moved = np.asarray(result.centroids) != np.asarray(books["w"].centroids)
+    assert moved.sum() == 15 and float(result.centroids[~moved][0]) == 0.0
+    chex.assert_trees_all_close(result.materialize(), params["w"], atol=1e-6)
+
+
 def test_finetune_sums_weight_gradients_per_centroid_and_keeps_weights_tied():
     """One SGD step moves each centroid by -lr * (sum of its weights' gradients); every weight
     stays equal to its centroid, and finetuned_codebooks returns Codebook leaves."""
