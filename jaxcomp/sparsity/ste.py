@@ -82,6 +82,10 @@ def pruned_forward(params: Any, masks: Any) -> Any:
     """
     triples = mask_leaves(params, masks)
     treedef = jax.tree.structure(params, is_leaf=is_compressed)
+    for path, param, mask in triples:
+        if mask is not None and is_compressed(param):
+            raise ValueError(f"{path}: pruned_forward needs the dense weight, got a compressed "
+                             f"leaf ({param.kind}); pass jaxcomp.materialize(params)")
     out = [
         param if mask is None else straight_through_mask(
             param, jnp.broadcast_to(mask.astype(bool), jnp.shape(param)))

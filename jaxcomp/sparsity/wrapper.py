@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -309,8 +310,24 @@ def prune(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _mappings(tree: Any) -> list[Any]:
+    """Every mapping node of `tree` (dicts, NNX `State`s), outermost first."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Mapping):
+            out.append(node)
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+    return out
+
+
 def masks_of(opt_state: Any) -> Any:
     """The mask tree held by the one `PruneState` inside `opt_state` (searched recursively).
+
+    `opt_state` may also be `nnx.state(optimizer)` of an `nnx.Optimizer`, where the state is a
+    mapping of the `PruneState`'s fields.
 
     Raises:
       ValueError: if `opt_state` holds no `PruneState`, or more than one.
@@ -325,6 +342,12 @@ def masks_of(opt_state: Any) -> Any:
         leaf for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
         if isinstance(leaf, PruneState)
     ]
+    if not found:
+        # `nnx.state(optimizer)` turns the NamedTuple into a mapping of its fields.
+        found = [node for node in _mappings(opt_state)
+                 if {"count", "masks", "inner_state"} <= set(node.keys())]
+        found = [PruneState(node["count"], node["masks"], node["inner_state"], (), None)
+                 for node in found]
     if len(found) != 1:
         raise ValueError(f"expected exactly one PruneState in the optimizer state, found "
                          f"{len(found)}")

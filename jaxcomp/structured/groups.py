@@ -141,6 +141,19 @@ class ChannelGroups(Sequence[ChannelGroup]):
         return "\n".join(lines)
 
 
+def check_dense(fn: str, tree: Any) -> list[tuple[str, Any]]:
+    """The tree's `(path, leaf)` pairs, or a ValueError naming `fn` and the first compressed
+    leaf: structured pruning reads and cuts dense arrays."""
+    pairs = leaves_with_paths(tree)
+    for path, leaf in pairs:
+        if is_compressed(leaf):
+            raise ValueError(
+                f"{fn}: the leaf at {path!r} is a compressed leaf ({leaf.kind}); prune "
+                "the dense model, or pass jaxcomp.materialize(tree)"
+            )
+    return pairs
+
+
 def check_groups(fn: str, groups: Any) -> list[ChannelGroup]:
     """The groups as a list, or a ValueError naming `fn` when they are not channel groups."""
     try:
@@ -300,13 +313,7 @@ def walk_function(
 ) -> tuple[Any, list[str], list[tuple[int, ...]], list[bool], list[tuple[np.ndarray, ...]],
            _labels.State]:
     """Traces `apply_fn(tree, *example_inputs)` and walks its jaxpr."""
-    pairs = leaves_with_paths(tree)
-    for path, leaf in pairs:
-        if is_compressed(leaf):
-            raise ValueError(
-                f"channel_groups: the leaf at {path!r} is a compressed leaf ({leaf.kind}); prune "
-                "the dense model, or pass jaxcomp.materialize(tree)"
-            )
+    pairs = check_dense("channel_groups", tree)
     paths = [p for p, _ in pairs]
     shapes = [tuple(np.shape(leaf)) for _, leaf in pairs]
     closed = _trace(apply_fn, tree, example_inputs)

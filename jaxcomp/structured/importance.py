@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.structured.groups import ChannelGroup, GroupMember, check_groups
+from jaxcomp.structured.groups import ChannelGroup, GroupMember, check_dense, check_groups
 from jaxcomp.tree import Where, path_dict, selected_paths
 
 __all__ = [
@@ -86,6 +86,7 @@ def _members(
     """Per group, its members `where` selects (with their gradient, as `(leaf, grad)` pairs, when
     `grads` is given); a group without any is left out, so `select_channels` keeps it whole."""
     groups = check_groups(fn, groups)
+    check_dense(fn, tree)
     leaves = path_dict(tree)
     chosen = _chosen(tree, where)
     gmap = None if grads is None else path_dict(grads)

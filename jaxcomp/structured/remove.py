@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.structured.groups import ChannelGroup, check_groups
-from jaxcomp.tree import leaves_with_paths
+from jaxcomp.structured.groups import ChannelGroup, check_dense, check_groups
 
 __all__ = ["keep_indices", "remove_channels"]
 
@@ -30,7 +29,7 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
         0/1 list of ints is read as indices: pass a bool mask), or nothing is kept.
 
     Example:
-        >>> from jaxcomp.structured.groups import ChannelGroup, check_groups
+        >>> from jaxcomp.structured.groups import ChannelGroup, check_dense, check_groups
         >>> keep_indices(ChannelGroup("g", 4, ()), [True, False, True, True]).tolist()
         [0, 2, 3]
     """
@@ -162,7 +161,7 @@ def remove_channels(tree: Any, groups: Sequence[ChannelGroup], keep: Mapping[str
         ((4, 3), (3, 2))
     """
     kept = _kept_positions(groups, keep)
-    pairs = leaves_with_paths(tree)
+    pairs = check_dense("remove_channels", tree)
     by_path = dict(pairs)
     for (path, axis), (size, _) in kept.items():
         if path not in by_path:

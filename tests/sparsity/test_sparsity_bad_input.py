@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 import jaxcomp.sparsity as sp
+from jaxcomp.quant import QuantSpec, quantize
 from jaxcomp.nn.sparsity import ActivationSparsity, sparsify_activation
 
 P = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
 K = {"kernel": P["w"]}
+_QK = {"kernel": quantize(jnp.ones((4, 3)), QuantSpec(bits=8))}
 
 
 def test_numpy_ints_are_ints():
@@ -46,6 +48,8 @@ def test_numpy_ints_are_ints():
         (lambda: sparsify_activation(jnp.ones((2, 4), jnp.int32),
                                      ActivationSparsity(where="", top_k=1), path="act"),
          "act: expected a float activation"),
+        (lambda: sp.pruned_forward(_QK, {"kernel": jnp.ones((4, 3), bool)}),
+         "kernel: pruned_forward needs the dense weight, got a compressed leaf \\(QArray\\)"),
         (lambda: sp.nm_mask(None), "scores must be an array, got NoneType"),
         (lambda: sp.nm_mask([[1.0, 2.0, 3.0, 4.0]], axis=-1), "scores must be an array"),
         (lambda: sp.unstructured_mask(jnp.ones(4, jnp.complex64), 0.5), "must be a real array"),

@@ -308,3 +308,7 @@ def test_nnx_optimizer_masks_apply_to_the_models_params():
     assert (kernel == 0).mean() == 0.5
     np.testing.assert_array_equal(kernel, np.asarray(model.kernel[...]))
     assert float(sp.sparsity_of(sp.to_masked(params, masks)).total) > 0
+    # nnx.state(optimizer) (what orbax saves) holds the PruneState as a mapping of its fields.
+    from_state = sp.masks_of(nnx.state(opt))
+    np.testing.assert_array_equal(np.asarray(from_state["kernel"][...]),
+                                  np.asarray(masks["kernel"][...]))

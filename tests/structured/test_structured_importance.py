@@ -305,3 +305,31 @@ def test_kept_count_rejects_bad_arguments(args, kwargs, match):
     zero, a ratio of 1.5 kept one channel)."""
     with pytest.raises(ValueError, match=match):
         kept_count(*args, **kwargs)
+
+
+def test_compressed_trees_are_a_value_error_naming_the_leaf():
+    """Structured pruning reads and cuts dense arrays: every entry point names the first
+    QArray or Masked leaf (groups computed on the dense params), not a TypeError from jnp."""
+    from jaxcomp.quant import QuantSpec, quantize_tree
+    from jaxcomp.sparsity import Pruner, prune_now, to_masked
+    from jaxcomp.structured import channel_groups, magnitude_importance, remove_channels
+
+    params = {"a": {"kernel": jnp.ones((4, 6))}, "b": {"kernel": jnp.ones((6, 2))}}
+
+    def f(p, x):
+        return jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+    groups = channel_groups(f, params, jnp.ones((1, 4)))
+    keep = {groups[0].name: [0, 1, 2]}
+    pruned, masks = prune_now(params, Pruner(sparsity=0.5))
+    for tree, kind in ((quantize_tree(params, QuantSpec(bits=8)), "QArray"),
+                       (to_masked(pruned, masks), "Masked")):
+        message = f"the leaf at 'a/kernel' is a compressed leaf \\({kind}\\)"
+        with pytest.raises(ValueError, match="channel_groups: " + message):
+            channel_groups(f, tree, jnp.ones((1, 4)))
+        with pytest.raises(ValueError, match="magnitude_importance: " + message):
+            magnitude_importance(tree, groups)
+        with pytest.raises(ValueError, match="taylor_importance: " + message):
+            taylor_importance(tree, params, groups)
+        with pytest.raises(ValueError, match="remove_channels: " + message):
+            remove_channels(tree, groups, keep)
