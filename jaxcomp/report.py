@@ -222,6 +222,27 @@ def _row(path: str, leaf: Any, flops: int | None) -> ReportRow:
     )
 
 
+def _align_flops(per_path: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """`per_path` keyed like the tree's leaves.
+
+    FLOPs counted over a Linen variables dict are keyed `params/Conv_0/kernel`; a report of
+    `variables["params"]` has `Conv_0/kernel`: the shared first component is dropped. FLOPs that
+    match no leaf at all are a `ValueError` (a silent column of dashes would read as zero).
+    """
+    counted = {k: v for k, v in per_path.items() if as_real(v)}
+    if not counted or any(k in paths for k in counted):
+        return per_path
+    heads = {k.split("/", 1)[0] for k in per_path}
+    if len(heads) == 1 and all("/" in k for k in per_path):
+        stripped = {k.split("/", 1)[1]: v for k, v in per_path.items()}
+        if any(k in paths for k in stripped):
+            return stripped
+    raise ValueError(
+        f"report: the FLOPs are counted at paths such as {sorted(counted)[:2]}, none of which is "
+        f"a leaf of the tree (its paths are such as {sorted(paths)[:2]}); count the FLOPs over "
+        f"the tree you report")
+
+
 def report(
     tree: Any, *, where: Where = None, flops: FlopCount | Mapping[str, int] | None = None
 ) -> Report:
@@ -236,10 +257,14 @@ def report(
       tree: a tree of arrays and compressed leaves.
       where: restrict the report to the selected leaves (see `jaxcomp.tree.select`).
       flops: per-path FLOPs to show, usually `jaxcomp.count_flops(apply_fn, tree, x)`; the total
-        includes FLOPs of unselected leaves and of activation products.
+        includes FLOPs of unselected leaves and of activation products. FLOPs counted over a
+        Linen variables dict (`params/...` paths) fit a report of its `params`.
 
     Returns:
       A `Report`; `print(report)` shows a table, `report.totals` the sums.
+
+    Raises:
+      ValueError: for `flops` that is not a FLOP count, or whose paths match no leaf of `tree`.
 
     Example:
         >>> r = report({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})
@@ -254,9 +279,11 @@ def report(
         raise ValueError("report: flops must be a jaxcomp.FlopCount or a mapping from path to a "
                          f"non-negative number, got {flops!r}")
     per_path = dict(per_path)
+    pairs = leaves_with_paths(tree)
+    per_path = _align_flops(per_path, {path for path, _ in pairs})
     rows = tuple(
         _row(path, leaf, per_path.get(path) if flops is not None else None)
-        for path, leaf in leaves_with_paths(tree)
+        for path, leaf in pairs
         if keep is None or path in keep
     )
     total = None

@@ -86,3 +86,22 @@ def test_report_names_flops_it_cannot_read(flops):
     """flops must be a FlopCount or a path -> number mapping."""
     with pytest.raises(ValueError, match="report: flops must be"):
         report({"d": {"kernel": jnp.ones((2, 2))}}, flops=flops)
+
+
+def test_report_fits_flops_of_a_variables_dict_and_rejects_flops_of_another_tree():
+    """FLOPs counted over {'params': ...} fill a report of the params; FLOPs at paths that no
+    leaf has are a ValueError, not an empty column over a total that counts them."""
+    import jaxcomp
+
+    params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+    def f(v, x):
+        return x @ v["params"]["d"]["kernel"] + v["params"]["d"]["bias"]
+
+    count = jaxcomp.count_flops(f, {"params": params}, jnp.ones((4, 3)))
+    rows = {r.path: r.flops for r in report(params, flops=count).rows}
+    assert rows["d/kernel"] == count.per_path["params/d/kernel"] > 0
+    assert {r.path: r.flops for r in report({"params": params}, flops=count).rows} == {
+        "params/" + k: v for k, v in rows.items()}
+    with pytest.raises(ValueError, match="none of which is a leaf of the tree"):
+        report({"other": {"kernel": jnp.ones((3, 2))}}, flops=count)

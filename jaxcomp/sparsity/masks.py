@@ -216,8 +216,14 @@ def to_masked(params: Any, masks: Any) -> Any:
     The values are stored with pruned entries zeroed, so `jaxcomp.materialize` gives back
     `apply_masks(params, masks)`.
 
+    A masked leaf that is already compressed must be a `Masked` leaf (its values are masked
+    again); a `QArray` or `Codebook` would come back as float values, losing its codes, so it is
+    a `ValueError`: such a leaf already stores the pruned zeros (as zero codes, or a centroid
+    pinned at 0.0).
+
     Raises:
-      ValueError: if `masks` does not fit `params` (see `mask_leaves`).
+      ValueError: if `masks` does not fit `params` (see `mask_leaves`), or a masked leaf is a
+        compressed leaf other than `Masked`.
 
     Example:
         >>> tree = to_masked({"w": jnp.array([1., 2.])}, {"w": jnp.array([False, True])})
@@ -227,10 +233,14 @@ def to_masked(params: Any, masks: Any) -> Any:
     triples = mask_leaves(params, masks)
     treedef = jax.tree.structure(params, is_leaf=is_compressed)
     out = []
-    for _, param, mask in triples:
+    for path, param, mask in triples:
         if mask is None:
             out.append(param)
             continue
+        if is_compressed(param) and not isinstance(param, Masked):
+            raise ValueError(f"{path}: to_masked would turn a {param.kind} into float values; "
+                             f"it already stores the pruned zeros (mask before quantizing, or "
+                             f"report the {param.kind} as it is)")
         dense = materialize(param)
         keep = jnp.broadcast_to(mask.astype(bool), dense.shape)
         out.append(Masked(jnp.where(keep, dense, jnp.zeros((), dense.dtype)), keep))

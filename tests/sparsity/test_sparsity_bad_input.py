@@ -50,6 +50,8 @@ def test_numpy_ints_are_ints():
          "act: expected a float activation"),
         (lambda: sp.pruned_forward(_QK, {"kernel": jnp.ones((4, 3), bool)}),
          "kernel: pruned_forward needs the dense weight, got a compressed leaf \\(QArray\\)"),
+        (lambda: sp.to_masked(_QK, {"kernel": jnp.ones((4, 3), bool)}),
+         "kernel: to_masked would turn a QArray into float values"),
         (lambda: sp.nm_mask(None), "scores must be an array, got NoneType"),
         (lambda: sp.nm_mask([[1.0, 2.0, 3.0, 4.0]], axis=-1), "scores must be an array"),
         (lambda: sp.unstructured_mask(jnp.ones(4, jnp.complex64), 0.5), "must be a real array"),
