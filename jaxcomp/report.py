@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxcomp._checks import as_real
 from jaxcomp.core import bit_width, is_compressed, leaf_dtype, stored_nbytes
-from jaxcomp.flops import FlopCount
+from jaxcomp.flops import ACTIVATIONS, FlopCount
 from jaxcomp.tree import Where, leaves_with_paths, selected_paths
 
 __all__ = ["Report", "ReportRow", "ReportTotals", "report"]
@@ -229,14 +229,16 @@ def _align_flops(per_path: dict[str, Any], paths: set[str]) -> dict[str, Any]:
     `variables["params"]` has `Conv_0/kernel`: the shared first component is dropped. FLOPs that
     match no leaf at all are a `ValueError` (a silent column of dashes would read as zero).
     """
-    counted = {k: v for k, v in per_path.items() if as_real(v)}
+    # ACTIVATIONS (activation x activation products) never names a leaf.
+    weights = {k: v for k, v in per_path.items() if k != ACTIVATIONS}
+    counted = {k: v for k, v in weights.items() if as_real(v)}
     if not counted or any(k in paths for k in counted):
         return per_path
-    heads = {k.split("/", 1)[0] for k in per_path}
-    if len(heads) == 1 and all("/" in k for k in per_path):
-        stripped = {k.split("/", 1)[1]: v for k, v in per_path.items()}
+    heads = {k.split("/", 1)[0] for k in weights}
+    if len(heads) == 1 and all("/" in k for k in weights):
+        stripped = {k.split("/", 1)[1]: v for k, v in weights.items()}
         if any(k in paths for k in stripped):
-            return stripped
+            return {**stripped, **{k: v for k, v in per_path.items() if k == ACTIVATIONS}}
     raise ValueError(
         f"report: the FLOPs are counted at paths such as {sorted(counted)[:2]}, none of which is "
         f"a leaf of the tree (its paths are such as {sorted(paths)[:2]}); count the FLOPs over "

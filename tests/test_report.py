@@ -105,3 +105,13 @@ def test_report_fits_flops_of_a_variables_dict_and_rejects_flops_of_another_tree
         "params/" + k: v for k, v in rows.items()}
     with pytest.raises(ValueError, match="none of which is a leaf of the tree"):
         report({"other": {"kernel": jnp.ones((3, 2))}}, flops=count)
+    # An activation x activation product (attention) adds an "(activations)" entry: still fits.
+    def attention(v, x):
+        h = f(v, x)
+        return h @ h.T
+
+    count = jaxcomp.count_flops(attention, {"params": params}, jnp.ones((4, 3)))
+    assert jaxcomp.flops.ACTIVATIONS in count.per_path
+    rows = {r.path: r.flops for r in report(params, flops=count).rows}
+    assert rows["d/kernel"] == count.per_path["params/d/kernel"] > 0
+    assert report(params, flops=count).totals.flops == count.total

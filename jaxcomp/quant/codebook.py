@@ -64,11 +64,14 @@ class Codebook(CompressedLeaf):
       dense_dtype: dtype `materialize` returns (static).
       method: "kmeans", "power-of-two" or "fine-tuned" (centroids moved by
         `codebook_finetune`, so no longer powers of two), shown by reports (static).
+      zero_index: int16 scalar, the index of the centroid pinned at 0.0 for the tensor's exact
+        zeros (a pruned model's removed weights), which `codebook_finetune` holds there; -1 (or
+        `None`) when there is none.
 
     Example:
         >>> cb = kmeans_quantize(jnp.array([0.0, 0.3, 0.7, 1.0]), bits=2)
         >>> np.asarray(cb.materialize()).round(2), cb.nbytes
-        (array([0. , 0.3, 0.7, 1. ], dtype=float32), 17)
+        (array([0. , 0.3, 0.7, 1. ], dtype=float32), 19)
     """
 
     indices: jax.Array
@@ -76,6 +79,7 @@ class Codebook(CompressedLeaf):
     bits: int = static_field()
     dense_dtype: Any = static_field(default=np.dtype(np.float32))
     method: str = static_field(default="kmeans")
+    zero_index: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,11 +117,20 @@ def _assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _kmeans(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
+def _kmeans(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Lloyd's 1-D k-means, linearly initialised; exact zeros (pruned weights), if any, get a
-    centroid of their own pinned at 0.0 and the other weights share the other k - 1."""
+    centroid of their own pinned at 0.0 and the other weights share the other k - 1.
+
+    Returns the indices, the table and the index of the pinned zero (-1 without zeros).
+    """
     flat = x.reshape(-1).astype(jnp.float32)
+    # Clustered at a power-of-two scale (exact), so that sums and ranges of weights near the
+    # float32 limit do not overflow.
+    absmax = jnp.max(jnp.abs(flat))
+    scale = jnp.where(absmax > 0, jnp.exp2(jnp.floor(jnp.log2(jnp.where(absmax > 0, absmax, 1.0)))),
+                      1.0)
     nonzero = flat != 0
+    flat = flat / scale
     pin = ~jnp.all(nonzero)
     free = k - pin.astype(jnp.int32)  # centroids the clustered weights share
     counted = jnp.where(pin, nonzero, True)  # the weights that are clustered
@@ -125,10 +138,9 @@ def _kmeans(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
     hi = jnp.max(jnp.where(counted, flat, -jnp.inf))
     lo, hi = jnp.where(jnp.any(counted), lo, 0.0), jnp.where(jnp.any(counted), hi, 0.0)
     slots = jnp.arange(k)
+    t = slots / jnp.maximum(free - 1, 1).astype(jnp.float32)
     # Unused slots (the last one when pinning) sit at +inf: never nearest, and last once sorted.
-    centroids = jnp.where(slots < free,
-                          lo + (hi - lo) * slots / jnp.maximum(free - 1, 1).astype(jnp.float32),
-                          jnp.inf)
+    centroids = jnp.where(slots < free, lo * (1 - t) + hi * t, jnp.inf)
     weight = counted.astype(jnp.float32)
 
     def step(_, c):
@@ -142,9 +154,10 @@ def _kmeans(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
     idx = _assign(flat, centroids)
     # Pinning: 0.0 takes the +inf slot; it sits after the `below` centroids that are negative.
     below = jnp.sum(centroids < 0)
-    table = jnp.where(pin, jnp.sort(jnp.where(slots < free, centroids, 0.0)), centroids)
+    table = jnp.where(pin, jnp.sort(jnp.where(slots < free, centroids, 0.0)), centroids) * scale
     idx = jnp.where(pin, jnp.where(nonzero, idx + (idx >= below), below), idx)
-    return idx.reshape(x.shape), table
+    zero_index = jnp.where(pin, below, -1).astype(jnp.int16)
+    return idx.reshape(x.shape), table, zero_index
 
 
 def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x") -> Codebook:
@@ -180,8 +193,9 @@ def kmeans_quantize(x: jax.Array, bits: int, *, iters: int = 30, path: str = "x"
         raise ValueError(f"{path}: iters must be an int >= 0, got {iters!r}")
     if x.size == 0:
         raise ValueError(f"{path}: k-means needs at least one value, got shape {x.shape}")
-    indices, centroids = _kmeans(x, 2**bits, int(iters))
-    return Codebook(indices.astype(_index_dtype(bits)), centroids, bits, np.dtype(x.dtype), "kmeans")
+    indices, centroids, zero_index = _kmeans(x, 2**bits, int(iters))
+    return Codebook(indices.astype(_index_dtype(bits)), centroids, bits, np.dtype(x.dtype), "kmeans",
+                    zero_index)
 
 
 def power_of_two_quantize(x: jax.Array, bits: int, *, path: str = "x") -> Codebook:
@@ -209,8 +223,11 @@ def power_of_two_quantize(x: jax.Array, bits: int, *, path: str = "x") -> Codebo
     x = jnp.asarray(x)
     check_finite(x, path)
     indices, centroids = _power_of_two(x, bits)
+    # The 0 level holds the tensor's exact zeros (and its smallest weights): pinned when there
+    # are zeros, so that fine-tuning keeps a pruned model pruned.
+    zero_index = jnp.where(jnp.any(x == 0), 0, -1).astype(jnp.int16)
     return Codebook(indices.astype(_index_dtype(bits)), centroids, bits, np.dtype(x.dtype),
-                    "power-of-two")
+                    "power-of-two", zero_index)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -280,14 +297,21 @@ class CodebookFinetuneState(NamedTuple):
       centroids: `{path: centroids}`, updated every step.
       inner_state: the wrapped optimizer's state, over the params with each shared weight
         replaced by its centroid table.
-      pinned: `{path: bool (centroids,)}`, the centroids held at 0.0 (those that started at
-        exactly 0.0: the pruned weights' centroid of `kmeans_quantize`).
+      pinned: `{path: bool (centroids,)}`, the centroid held at 0.0: the codebook's
+        `zero_index`, which holds the pruned weights.
     """
 
     indices: dict[str, jax.Array]
     centroids: dict[str, jax.Array]
     inner_state: Any
     pinned: dict[str, jax.Array]
+
+
+def _pinned(book: Codebook) -> jax.Array:
+    slots = jnp.arange(book.centroids.shape[0])
+    if book.zero_index is None:
+        return jnp.zeros(slots.shape, bool)
+    return slots == jnp.asarray(book.zero_index, jnp.int32)
 
 
 def codebook_finetune(
@@ -301,9 +325,10 @@ def codebook_finetune(
     returns the dense updates that move each shared weight to its new centroid.
     `finetuned_codebooks(opt_state, params)` gives the `Codebook` leaves back.
 
-    A centroid that starts at exactly 0.0 stays there, with no gradient: it holds the weights
-    that pruning removed (see `kmeans_quantize`), so a pruned model stays pruned, as in Deep
-    Compression, where the pruned weights are held at zero while the centroids train.
+    The centroid a codebook pinned at 0.0 for the tensor's exact zeros (`Codebook.zero_index`,
+    see `kmeans_quantize`) stays there, with no gradient: it holds the weights that pruning
+    removed, so a pruned model stays pruned, as in Deep Compression, where the pruned weights are
+    held at zero while the centroids train. Every other centroid trains, one at 0.0 included.
 
     Args:
       optimizer: any optax optimizer (it sees centroid tables in place of shared weights).
@@ -344,7 +369,7 @@ def codebook_finetune(
                                  f"its codebook {book.shape}")
         indices = {p: b.indices for p, b in books.items()}
         centroids = {p: b.centroids for p, b in books.items()}
-        pinned = {p: b.centroids == 0 for p, b in books.items()}
+        pinned = {p: _pinned(b) for p, b in books.items()}
         return CodebookFinetuneState(indices, centroids, optimizer.init(trainable(params, centroids)),
                                      pinned)
 
@@ -409,7 +434,9 @@ def finetuned_codebooks(opt_state: Any, params: Any) -> Any:
 
     def book(path, leaf):
         k = state.centroids[path].shape[0]
+        pinned = state.pinned[path]
+        zero_index = jnp.where(jnp.any(pinned), jnp.argmax(pinned), -1).astype(jnp.int16)
         return Codebook(state.indices[path], state.centroids[path], int(round(np.log2(k))),
-                        np.dtype(leaf.dtype), "fine-tuned")
+                        np.dtype(leaf.dtype), "fine-tuned", zero_index)
 
     return map_selected(book, params, where=lambda p, _: p in state.indices, with_path=True)

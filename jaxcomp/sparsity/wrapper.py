@@ -343,9 +343,13 @@ def masks_of(opt_state: Any) -> Any:
         if isinstance(leaf, PruneState)
     ]
     if not found:
-        # `nnx.state(optimizer)` turns the NamedTuple into a mapping of its fields.
-        found = [node for node in _mappings(opt_state)
-                 if {"count", "masks", "inner_state"} <= set(node.keys())]
+        # `nnx.state(optimizer)` turns the NamedTuple into an NNX State of its fields (a user's
+        # own dict with such keys is not a PruneState).
+        from flax import nnx
+
+        found = [node for node in _mappings(opt_state) if isinstance(node, nnx.State)
+                 and {"count", "masks", "inner_state"} <= set(node.keys())
+                 and set(node.keys()) <= set(PruneState._fields)]
         found = [PruneState(node["count"], node["masks"], node["inner_state"], (), None)
                  for node in found]
     if len(found) != 1:

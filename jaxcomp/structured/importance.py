@@ -86,8 +86,8 @@ def _members(
     """Per group, its members `where` selects (with their gradient, as `(leaf, grad)` pairs, when
     `grads` is given); a group without any is left out, so `select_channels` keeps it whole."""
     groups = check_groups(fn, groups)
-    check_dense(fn, tree)
     leaves = path_dict(tree)
+    check_dense(fn, {m.path: leaves[m.path] for g in groups for m in g.members if m.path in leaves})
     chosen = _chosen(tree, where)
     gmap = None if grads is None else path_dict(grads)
     out = []

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcomp.core import is_compressed
 from jaxcomp.structured.groups import ChannelGroup, check_dense, check_groups
+from jaxcomp.tree import leaves_with_paths
 
 __all__ = ["keep_indices", "remove_channels"]
 
@@ -30,6 +32,7 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
 
     Example:
         >>> from jaxcomp.structured.groups import ChannelGroup, check_dense, check_groups
+from jaxcomp.tree import leaves_with_paths
         >>> keep_indices(ChannelGroup("g", 4, ()), [True, False, True, True]).tolist()
         [0, 2, 3]
     """
@@ -161,8 +164,10 @@ def remove_channels(tree: Any, groups: Sequence[ChannelGroup], keep: Mapping[str
         ((4, 3), (3, 2))
     """
     kept = _kept_positions(groups, keep)
-    pairs = check_dense("remove_channels", tree)
+    pairs = leaves_with_paths(tree)
     by_path = dict(pairs)
+    # Only the leaves that are cut must be dense; other compressed leaves pass through.
+    check_dense("remove_channels", {path: by_path[path] for path, _ in kept if path in by_path})
     for (path, axis), (size, _) in kept.items():
         if path not in by_path:
             raise ValueError(
@@ -187,4 +192,4 @@ def remove_channels(tree: Any, groups: Sequence[ChannelGroup], keep: Mapping[str
         cut = _cut([leaves[i] for i in todo], [per_path[pairs[i][0]] for i in todo])
         for i, leaf in zip(todo, cut):
             leaves[i] = leaf
-    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+    return jax.tree.unflatten(jax.tree.structure(tree, is_leaf=is_compressed), leaves)

@@ -23,12 +23,13 @@ W = jax.random.normal(jax.random.key(0), (32, 16))
 
 @pytest.mark.parametrize("bits, index_dtype", [(2, jnp.uint2), (3, jnp.uint4), (4, jnp.uint4), (8, jnp.uint8)])
 def test_kmeans_codebook_stores_indices_and_a_table_of_2_to_the_bits(bits, index_dtype):
-    """Indices of 2..8 bits into 2**bits sorted centroids; nbytes = index bits + table."""
+    """Indices of 2..8 bits into 2**bits sorted centroids; nbytes = index bits + table + the
+    int16 index of the pinned zero (-1 here: W has no zeros)."""
     cb = kmeans_quantize(W, bits)
     assert cb.indices.dtype == index_dtype and cb.centroids.shape == (2**bits,)
     assert bool(jnp.all(jnp.diff(cb.centroids) >= 0))
     width = jaxcomp.bit_width(index_dtype)
-    assert cb.nbytes == W.size * width // 8 + 4 * 2**bits
+    assert cb.nbytes == W.size * width // 8 + 4 * 2**bits + 2 and int(cb.zero_index) == -1
     assert cb.packed_indices().nbytes == W.size * width // 8
     assert cb.materialize().shape == W.shape
 
@@ -142,6 +143,33 @@ def test_finetune_holds_the_pruned_weights_at_zero():
     moved = np.asarray(result.centroids) != np.asarray(books["w"].centroids)
     assert moved.sum() == 15 and float(result.centroids[~moved][0]) == 0.0
     chex.assert_trees_all_close(result.materialize(), params["w"], atol=1e-6)
+
+
+def test_only_the_pinned_zero_is_held_not_a_cluster_whose_mean_is_zero():
+    """{1, -1} has mean 0.0: without zeros in the tensor that centroid is an ordinary one and
+    trains; the codebook records which centroid (if any) was pinned, and keeps it through
+    finetuned_codebooks. Power-of-two codebooks pin their 0 level only for exact zeros."""
+    w = jnp.array([1.0, 5.0, -1.0, -3.0, -2.0])
+    books = kmeans_tree({"w": w}, 2)
+    assert 0.0 in np.asarray(books["w"].centroids).tolist() and int(books["w"].zero_index) == -1
+    tx = codebook_finetune(optax.sgd(0.1), books)
+    params = jaxcomp.materialize(books)
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.ones(5)}, state, params)
+    assert np.all(np.asarray(updates["w"]) != 0)
+    assert int(finetuned_codebooks(state, params)["w"].zero_index) == -1
+    pruned = kmeans_tree({"w": w.at[0].set(0.0)}, 2)["w"]
+    assert float(pruned.centroids[int(pruned.zero_index)]) == 0.0
+    assert int(power_of_two_quantize(w, 3).zero_index) == -1
+    assert int(power_of_two_quantize(w.at[0].set(0.0), 3).zero_index) == 0
+
+
+def test_kmeans_of_weights_near_the_float32_limit_stays_finite():
+    """A range wider than float32's max neither overflows the initialisation nor the means."""
+    for x in (jnp.array([0.0, 3e38, 2e38, 1e38]), jnp.array([3e38, -3e38, 2e38, -2e38, 1.0])):
+        cb = kmeans_quantize(x, 2)
+        assert bool(jnp.all(jnp.isfinite(cb.centroids)))
+        assert float(jnp.max(jnp.abs(cb.materialize() - x))) <= 1.01e38
 
 
 def test_finetune_sums_weight_gradients_per_centroid_and_keeps_weights_tied():

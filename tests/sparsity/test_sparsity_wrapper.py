@@ -312,3 +312,7 @@ def test_nnx_optimizer_masks_apply_to_the_models_params():
     from_state = sp.masks_of(nnx.state(opt))
     np.testing.assert_array_equal(np.asarray(from_state["kernel"][...]),
                                   np.asarray(masks["kernel"][...]))
+    # A plain dict that happens to have those keys is not a PruneState.
+    lookalike = (optax.EmptyState(), {"count": 0, "masks": {"k": None}, "inner_state": ()})
+    with pytest.raises(ValueError, match="found 0"):
+        sp.masks_of(lookalike)

@@ -333,3 +333,8 @@ def test_compressed_trees_are_a_value_error_naming_the_leaf():
             taylor_importance(tree, params, groups)
         with pytest.raises(ValueError, match="remove_channels: " + message):
             remove_channels(tree, groups, keep)
+    # A compressed leaf outside every group (a quantized embedding) is neither read nor cut.
+    tree = {**params, "emb": quantize_tree({"e": jnp.ones((5, 4))}, QuantSpec(bits=8))["e"]}
+    assert set(magnitude_importance(tree, groups)) == {g.name for g in groups}
+    small = remove_channels(tree, groups, keep)
+    assert small["a"]["kernel"].shape == (4, 3) and small["emb"] is tree["emb"]
