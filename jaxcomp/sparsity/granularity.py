@@ -206,7 +206,10 @@ class Block(Granularity):
             )
         trailing = shape[len(shape) - len(self.shape):]
         if any(b > d for b, d in zip(self.shape, trailing)):
-            raise ValueError(f"{path}: block shape {self.shape} exceeds the leaf's shape {shape}")
+            fit = tuple(min(b, d) for b, d in zip(self.shape, trailing))
+            raise ValueError(f"{path}: block shape {self.shape} exceeds the leaf's trailing axes "
+                             f"{trailing} (shape {shape}); give this leaf a block that fits, "
+                             f"e.g. Rule(where=..., granularity=Block({fit}))")
 
     def _grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         lead = len(shape) - len(self.shape)

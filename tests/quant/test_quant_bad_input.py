@@ -148,3 +148,18 @@ def test_array_scalars_pass_where_numbers_do():
     want = jax.grad(lambda s: lsq_fake_quant(X, s, S8, grad_scale=1 / np.sqrt(6.0 * 127)).sum())(step)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert prepare_for_serving({"k": W}, batch_sizes=jnp.array([1, 8]))["k"].shape == W.shape
+
+
+def test_linen_calibration_and_serving_name_bare_params():
+    """Bare params where Linen variables belong: a ValueError saying to wrap them, not Flax's
+    ScopeCollectionNotFound."""
+    from jaxcomp.nn.quant import calibrate_linen, init_input_steps_linen, serve_linen
+
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    x = jnp.ones((2, 4))
+    for call in (lambda: calibrate_linen(model, params, [x], QuantSpec()),
+                 lambda: init_input_steps_linen(model, params, x, QuantSpec()),
+                 lambda: serve_linen(model)(params, x)):
+        with pytest.raises(ValueError, match=r"pass the Linen variables.*wrap them"):
+            call()

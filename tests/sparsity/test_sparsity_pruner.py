@@ -158,7 +158,8 @@ def test_bad_configuration_raises_at_construction(make, message):
     [
         (sp.Pruner(sparsity=0.5, where="nothing"), "selects no leaf"),
         (sp.Pruner(sparsity=0.5, rules=[sp.Rule(where="Dense_9/.*", sparsity=0.1)]), "rule 0"),
-        (sp.Pruner(sparsity=0.5, granularity=sp.Block((128, 1))), "exceeds"),
+        (sp.Pruner(sparsity=0.5, granularity=sp.Block((128, 1))),
+         r"exceeds the leaf's trailing axes .*granularity=Block\(\("),
         (sp.Pruner(sparsity=0.5, where=".*bias", granularity=sp.NM()), "Dense_0/bias"),
         (sp.Pruner(sparsity=0.5, distribution=sp.PerPath({"Dense_0/kernel": 0.5})), "unlisted"),
         (sp.Pruner(sparsity=lambda step: 1.5), "1.5"),

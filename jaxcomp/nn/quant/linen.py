@@ -182,6 +182,16 @@ def _collect_linen_inputs(model, variables, batch, where, modules, apply_kwargs)
             for p, xs in found.items()}
 
 
+def _variables(fn: str, variables: Any) -> dict[str, Any]:
+    """`variables` as a dict of collections, or a ValueError when it is not a Linen variables
+    dict (bare params are the usual slip)."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = list(variables)[:4] if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"{fn}: pass the Linen variables, {{'params': params, ...}}, got {keys} "
+                         f"(bare params? wrap them: {{'params': params}})")
+    return dict(variables)
+
+
 def calibrate_linen(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -218,7 +228,7 @@ def calibrate_linen(
         >>> list(calibrate_linen(model, variables, [jnp.ones((2, 4))], QuantSpec()))
         ['']
     """
-    variables = materialize(dict(variables))
+    variables = materialize(_variables("calibrate_linen", variables))
     kwargs = dict(apply_kwargs or {})
 
     def collect(batch):
@@ -255,7 +265,8 @@ def init_input_steps_linen(
     """
     with _no_lifted_layers("init_input_steps_linen"):
         inputs = jax.jit(lambda b: _collect_linen_inputs(
-            model, materialize(dict(variables)), b, where, modules, dict(apply_kwargs or {})))(batch)
+            model, materialize(_variables("init_input_steps_linen", variables)), b, where, modules,
+            dict(apply_kwargs or {})))(batch)
     if not inputs:
         raise ValueError(f"init_input_steps_linen: where={where!r} selects no layer")
     return {path: lsq_init(x, spec, path) for path, x in inputs.items()}
@@ -351,7 +362,7 @@ def serve_linen(
                             strategy=strategy, path=name)
 
     def apply(variables, *args, **kwargs):
-        variables = dict(variables)
+        variables = _variables("serve_linen", variables)
         variables = {
             col: _materialize_except_kernels(tree) if col == "params" else materialize(tree)
             for col, tree in variables.items()
