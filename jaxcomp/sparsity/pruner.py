@@ -31,7 +31,7 @@ import numpy as np
 from jaxcomp._checks import as_int
 from jaxcomp.core import is_compressed
 from jaxcomp.sparsity._select import lowest_k
-from jaxcomp.sparsity.distribution import Distribution, Uniform, keep_best
+from jaxcomp.sparsity.distribution import Distribution, PerPath, Uniform, keep_best
 from jaxcomp.sparsity.dynamic import SET, RigL
 from jaxcomp.sparsity.granularity import NM, Granularity, Unstructured, pruned_units
 from jaxcomp.sparsity.masks import apply_masks, mask_leaves
@@ -259,6 +259,7 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         if r not in members:
             raise ValueError(f"rule {r} (where={rule.where!r}) matches none of the pruned leaves")
     groups = []
+    pruned_paths = {paths[i] for positions in members.values() for i in positions}
     for index in sorted(members):
         positions = tuple(members[index])
         granularity, score, distribution, spec = pruner.settings(index)
@@ -266,7 +267,18 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         shapes = tuple(tuple(np.shape(flat[i][1])) for i in positions)
         for path, shape in zip(group_paths, shapes):
             granularity.check(path, shape)
-        distribution.check(group_paths)
+        if isinstance(distribution, PerPath):
+            # One PerPath (the pruner's, inherited by rules) may list the leaves of several
+            # groups: each group takes its own; every pruned leaf of it must be listed, and
+            # every listed path must be pruned by some group.
+            missing = [p for p in group_paths if p not in distribution.sparsities]
+            extra = [p for p in distribution.sparsities if p not in pruned_paths]
+            if missing or extra:
+                raise ValueError(f"PerPath must list exactly the pruned leaves; unlisted: "
+                                 f"{missing}, listed but not pruned: {extra}")
+            distribution = PerPath({p: distribution.sparsities[p] for p in group_paths})
+        else:
+            distribution.check(group_paths)
         schedule = spec if callable(spec) else constant_sparsity(spec)
         if callable(spec):
             _probe(spec, f"the sparsity schedule of rule {index}")

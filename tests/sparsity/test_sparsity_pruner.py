@@ -79,6 +79,16 @@ def test_erk_and_per_path_distributions():
     _, masks = sp.prune_now(_params(), sp.Pruner(sparsity=0.9, distribution=sp.PerPath(targets)))
     for path, target in targets.items():
         assert float(sp.sparsity_of(masks).per_leaf[path]) == target
+    # A rule that only changes a granularity inherits the PerPath and takes its own leaves.
+    pruner = sp.Pruner(sparsity=0.9, distribution=sp.PerPath(targets),
+                       rules=[sp.Rule(where="Dense_1/kernel", granularity=sp.Block((2, 2)))])
+    _, masks = sp.prune_now(_params(), pruner)
+    for path, target in targets.items():
+        assert float(sp.sparsity_of(masks).per_leaf[path]) == target
+    with pytest.raises(ValueError, match=r"listed but not pruned: \['X/kernel'\]"):
+        sp.prune_now(_params(), sp.Pruner(sparsity=0.9, distribution=sp.PerPath(
+            {**targets, "X/kernel": 0.5}), rules=[sp.Rule(where="Dense_1/kernel", score=sp.Random())]),
+            key=jax.random.key(0))
 
 
 def test_block_granularity_and_global_threshold_count_weights():
