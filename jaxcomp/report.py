@@ -276,8 +276,7 @@ def report(
     keep = None if where is None else set(selected_paths(tree, where))
     per_path = getattr(flops, "per_path", flops) or {}
     if not isinstance(per_path, Mapping) or not all(
-            (as_real(v) if as_real(v) is not None else -1.0) >= 0 and math.isfinite(as_real(v))
-            for v in per_path.values()):
+            as_real(v) is not None and 0 <= as_real(v) < math.inf for v in per_path.values()):
         raise ValueError("report: flops must be a jaxcomp.FlopCount or a mapping from path to a "
                          f"non-negative number, got {flops!r}")
     per_path = dict(per_path)

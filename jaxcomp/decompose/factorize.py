@@ -74,7 +74,7 @@ def _warn_if_larger(model: RankModel, ranks: tuple[int, ...], name: str) -> None
 
 def _check_iters(n_iter_max: Any, what: str = "n_iter_max") -> int:
     """`n_iter_max` as a Python int >= 1, or a ValueError naming it."""
-    if not (as_int(n_iter_max) is not None) or n_iter_max < 1:
+    if as_int(n_iter_max) is None or n_iter_max < 1:
         raise ValueError(f"{what} must be an int >= 1, got {n_iter_max!r}")
     return int(n_iter_max)
 
@@ -83,7 +83,7 @@ def _check_seed(seed: Any) -> int | None:
     """`seed` as a Python int in [0, 2**32) (or None: tensorly's unseeded state)."""
     if seed is None:
         return None
-    if not (as_int(seed) is not None) or not 0 <= seed < 2**32:
+    if as_int(seed) is None or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32) or None, got {seed!r}")
     return int(seed)
 
@@ -99,7 +99,7 @@ def _check_spec(spec: Any, name: str) -> ConvSpec:
 def _check_modes(modes: Any, what: str, name: str) -> tuple[int, ...]:
     """TT modes as a tuple of Python ints (NumPy integers accepted), or a ValueError."""
     if (not isinstance(modes, (tuple, list, np.ndarray)) or np.ndim(modes) != 1
-            or not all((as_int(m) is not None) for m in modes)):
+            or not all(as_int(m) is not None for m in modes)):
         raise ValueError(f"{name}: TT {what} must be a sequence of ints, got {modes!r}")
     return tuple(int(m) for m in modes)
 
@@ -276,7 +276,7 @@ def decompose_tt(
     """
     seed = _check_seed(seed)
     _svd_method(svd)
-    if not (as_int(order) is not None) or (order < 2 and (in_modes is None or out_modes is None)):
+    if as_int(order) is None or (order < 2 and (in_modes is None or out_modes is None)):
         raise ValueError(f"{name}: TT order must be an int >= 2, got {order!r}")
     host = _host.to_host(kernel, name)
     _check_ndim(host, 2, "TT", name)

@@ -50,10 +50,10 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
         return (1, 1)
     if isinstance(value, (np.ndarray, jax.Array)):
         value = np.asarray(value).tolist()
-    if (as_int(value) is not None):
+    if as_int(value) is not None:
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all((as_int(v) is not None) and v >= 1 for v in value)):
+            or not all(as_int(v) is not None and v >= 1 for v in value)):
         raise ValueError(f"ConvSpec.{name} must be a positive int or a pair of them, got {value!r}")
     return (int(value[0]), int(value[1]))
 
@@ -68,7 +68,7 @@ def _padding(value: Any) -> Padding:
                 f"ConvSpec.padding={value!r} is not one of {_PADDING_STRINGS} or explicit pads"
             )
         return upper
-    if (as_int(value) is not None):
+    if as_int(value) is not None:
         return ((int(value), int(value)),) * 2
     bad = ValueError(
         f"ConvSpec.padding={value!r} is not one of {_PADDING_STRINGS}, an int, or one int or "
@@ -78,9 +78,9 @@ def _padding(value: Any) -> Padding:
         raise bad
     pads = []
     for p in value:
-        if (as_int(p) is not None):
+        if as_int(p) is not None:
             pads.append((int(p), int(p)))
-        elif isinstance(p, (tuple, list)) and len(p) == 2 and all((as_int(v) is not None) for v in p):
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and all(as_int(v) is not None for v in p):
             pads.append((int(p[0]), int(p[1])))
         else:
             raise bad

@@ -297,21 +297,19 @@ class CodebookFinetuneState(NamedTuple):
       centroids: `{path: centroids}`, updated every step.
       inner_state: the wrapped optimizer's state, over the params with each shared weight
         replaced by its centroid table.
-      pinned: `{path: bool (centroids,)}`, the centroid held at 0.0: the codebook's
-        `zero_index`, which holds the pruned weights.
+      zero_index: `{path: int16 scalar}`, each codebook's `zero_index`: the centroid held at
+        0.0, which holds the pruned weights (-1 for none).
     """
 
     indices: dict[str, jax.Array]
     centroids: dict[str, jax.Array]
     inner_state: Any
-    pinned: dict[str, jax.Array]
+    zero_index: dict[str, jax.Array]
 
 
-def _pinned(book: Codebook) -> jax.Array:
-    slots = jnp.arange(book.centroids.shape[0])
-    if book.zero_index is None:
-        return jnp.zeros(slots.shape, bool)
-    return slots == jnp.asarray(book.zero_index, jnp.int32)
+def _pinned(zero_index: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Which entry of the table is held at 0.0 (none for a zero index of -1)."""
+    return jnp.arange(centroids.shape[0]) == zero_index.astype(jnp.int32)
 
 
 def codebook_finetune(
@@ -369,16 +367,18 @@ def codebook_finetune(
                                  f"its codebook {book.shape}")
         indices = {p: b.indices for p, b in books.items()}
         centroids = {p: b.centroids for p, b in books.items()}
-        pinned = {p: _pinned(b) for p, b in books.items()}
+        zero_index = {p: jnp.asarray(-1 if b.zero_index is None else b.zero_index, jnp.int16)
+                      for p, b in books.items()}
         return CodebookFinetuneState(indices, centroids, optimizer.init(trainable(params, centroids)),
-                                     pinned)
+                                     zero_index)
 
     def update(updates, state, params=None, **extra_args):
         def centroid_grad(path, grad):
             idx = state.indices[path].astype(jnp.int32).reshape(-1)
             k = state.centroids[path].shape[0]
             summed = jax.ops.segment_sum(grad.reshape(-1), idx, num_segments=k)
-            return jnp.where(state.pinned[path], jnp.zeros((), summed.dtype), summed)
+            pinned = _pinned(state.zero_index[path], state.centroids[path])
+            return jnp.where(pinned, jnp.zeros((), summed.dtype), summed)
 
         grads = map_selected(centroid_grad, updates, where=lambda p, _: p in state.indices,
                              with_path=True)
@@ -387,7 +387,8 @@ def codebook_finetune(
                                                       **extra_args)
         flat = path_dict(inner_updates)
         # Pinned centroids stay exactly 0.0 whatever the optimizer does (weight decay, ...).
-        centroids = {p: jnp.where(state.pinned[p], 0.0, state.centroids[p] + flat[p])
+        centroids = {p: jnp.where(_pinned(state.zero_index[p], state.centroids[p]), 0.0,
+                                  state.centroids[p] + flat[p])
                      .astype(state.centroids[p].dtype) for p in state.centroids}
 
         def dense_update(path, leaf):
@@ -401,7 +402,7 @@ def codebook_finetune(
                                      where=lambda p, _: p not in centroids, with_path=True,
                                      allow_empty=True)
         return dense_updates, CodebookFinetuneState(state.indices, centroids, inner_state,
-                                                    state.pinned)
+                                                    state.zero_index)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -434,9 +435,7 @@ def finetuned_codebooks(opt_state: Any, params: Any) -> Any:
 
     def book(path, leaf):
         k = state.centroids[path].shape[0]
-        pinned = state.pinned[path]
-        zero_index = jnp.where(jnp.any(pinned), jnp.argmax(pinned), -1).astype(jnp.int16)
         return Codebook(state.indices[path], state.centroids[path], int(round(np.log2(k))),
-                        np.dtype(leaf.dtype), "fine-tuned", zero_index)
+                        np.dtype(leaf.dtype), "fine-tuned", state.zero_index[path])
 
     return map_selected(book, params, where=lambda p, _: p in state.indices, with_path=True)

@@ -114,8 +114,7 @@ def qconv(
             value = tuple(value)
         except TypeError:
             value = (value,)
-        if len(value) != n_spatial or not all((as_int(v) if as_int(v) is not None else low - 1) >= low
-                                              for v in value):
+        if len(value) != n_spatial or not all(as_int(v) is not None and v >= low for v in value):
             raise ValueError(f"{path}: {name} must be {n_spatial} int(s) >= {low}, got {value!r}")
         return tuple(int(v) for v in value)
 

@@ -95,7 +95,7 @@ def layout(shape: tuple[int, ...], spec: QuantSpec, path: str = "x") -> Layout:
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"{path}: expected a jaxcomp.quant.QuantSpec, got {type(spec).__name__} "
                          f"{spec!r}")
-    bad = [d for d in shape if (as_int(d) if as_int(d) is not None else -1) < 0]
+    bad = [d for d in shape if as_int(d) is None or d < 0]
     if bad:
         raise ValueError(f"{path}: a shape holds non-negative ints, got {tuple(shape)}")
     shape = tuple(int(d) for d in shape)

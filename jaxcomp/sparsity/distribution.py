@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, Union
 
 import jax
@@ -64,6 +64,12 @@ class Distribution(abc.ABC):
 
     def check(self, paths: Sequence[str]) -> None:
         """Raises `ValueError` if this distribution cannot apply to these leaf paths."""
+
+    def for_leaves(self, paths: Sequence[str], pruned: Set[str]) -> Distribution:
+        """The distribution one rule's leaves (`paths`) use, among all the `pruned` paths;
+        raises `ValueError` if it cannot apply. By default `check(paths)`, then itself."""
+        self.check(paths)
+        return self
 
     @abc.abstractmethod
     def leaf_sparsities(
@@ -187,13 +193,19 @@ class PerPath(Distribution):
         return hash(tuple(sorted(self.sparsities)))
 
     def check(self, paths):
+        self.for_leaves(paths, set(paths))
+
+    def for_leaves(self, paths, pruned):
+        """Each rule's leaves take their own entries of one PerPath (the pruner's, inherited by
+        its rules): every one of them must be listed, and every listed path pruned."""
         missing = [p for p in paths if p not in self.sparsities]
-        extra = [p for p in self.sparsities if p not in set(paths)]
+        extra = [p for p in self.sparsities if p not in pruned]
         if missing or extra:
             raise ValueError(
                 f"PerPath must list exactly the pruned leaves; unlisted: {missing}, "
                 f"listed but not pruned: {extra}"
             )
+        return PerPath({p: self.sparsities[p] for p in paths})
 
     def leaf_sparsities(self, target, step, paths, shapes):
         values = []

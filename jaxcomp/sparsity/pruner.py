@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp._checks import as_int
 from jaxcomp.core import is_compressed
 from jaxcomp.sparsity._select import lowest_k
-from jaxcomp.sparsity.distribution import Distribution, PerPath, Uniform, keep_best
+from jaxcomp.sparsity.distribution import Distribution, Uniform, keep_best
 from jaxcomp.sparsity.dynamic import SET, RigL
 from jaxcomp.sparsity.granularity import NM, Granularity, Unstructured, pruned_units
 from jaxcomp.sparsity.masks import apply_masks, mask_leaves
-from jaxcomp.sparsity.schedules import check_sparsity, constant_sparsity
+from jaxcomp.sparsity.schedules import check_step, check_sparsity, constant_sparsity
 from jaxcomp.sparsity.scores import Magnitude, Score, as_score
 from jaxcomp.tree import Where, assert_same_structure, key_path_str, select
 
@@ -267,18 +266,7 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         shapes = tuple(tuple(np.shape(flat[i][1])) for i in positions)
         for path, shape in zip(group_paths, shapes):
             granularity.check(path, shape)
-        if isinstance(distribution, PerPath):
-            # One PerPath (the pruner's, inherited by rules) may list the leaves of several
-            # groups: each group takes its own; every pruned leaf of it must be listed, and
-            # every listed path must be pruned by some group.
-            missing = [p for p in group_paths if p not in distribution.sparsities]
-            extra = [p for p in distribution.sparsities if p not in pruned_paths]
-            if missing or extra:
-                raise ValueError(f"PerPath must list exactly the pruned leaves; unlisted: "
-                                 f"{missing}, listed but not pruned: {extra}")
-            distribution = PerPath({p: distribution.sparsities[p] for p in group_paths})
-        else:
-            distribution.check(group_paths)
+        distribution = distribution.for_leaves(group_paths, pruned_paths)
         schedule = spec if callable(spec) else constant_sparsity(spec)
         if callable(spec):
             _probe(spec, f"the sparsity schedule of rule {index}")
@@ -447,8 +435,7 @@ def compute_masks(
         if group.score.needs_key and key is None:
             raise ValueError(f"the {name} score of rule {group.index} needs key=")
     if not isinstance(step, jax.core.Tracer):
-        if not 0 <= (as_int(step) if as_int(step) is not None else -1) < 2**31:
-            raise ValueError(f"step must be an int in [0, 2**31), got {step!r}")
+        check_step(step, "step")
         # A concrete step: the schedules' values there are checked, not silently clipped.
         for group in groups:
             with jax.ensure_compile_time_eval():

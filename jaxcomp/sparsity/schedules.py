@@ -57,8 +57,9 @@ def check_array_sparsity(value: jax.typing.ArrayLike, what: str = "sparsity") ->
     check_sparsity(array.item() if array.dtype.kind in "iuf" else value, what)
 
 
-def _check_step(value: int, what: str) -> int:
-    # Steps count in int32 (the wrapper's state and jnp step arrays).
+def check_step(value: int, what: str) -> int:
+    """`value` as a Python int, or a `ValueError` naming `what` unless it is an int in
+    [0, 2**31): steps count in int32 (the wrapper's state and jnp step arrays)."""
     if as_int(value) is None or not 0 <= value < 2**31:
         raise ValueError(f"{what} must be an int in [0, 2**31), got {value!r}")
     return as_int(value)
@@ -109,7 +110,7 @@ def one_shot_sparsity(sparsity: float, step: int = 0) -> optax.Schedule:
         (0.0, 0.8)
     """
     sparsity = check_sparsity(sparsity)
-    at = _check_step(step, "step")
+    at = check_step(step, "step")
     return lambda t: jnp.where(_steps(t) >= at, jnp.float32(sparsity), jnp.float32(0.0))
 
 
@@ -132,7 +133,7 @@ def iterative_sparsity(steps: Sequence[int], sparsities: Sequence[float]) -> opt
     for name, seq in (("steps", steps), ("sparsities", sparsities)):
         if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
             raise ValueError(f"iterative_sparsity: {name} must be a sequence, got {seq!r}")
-    steps = [_check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
+    steps = [check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
     values = [check_sparsity(v, f"sparsities[{i}]") for i, v in enumerate(sparsities)]
     if not steps or len(steps) != len(values):
         raise ValueError(
@@ -189,8 +190,8 @@ def polynomial_sparsity(
     """
     final = check_sparsity(final_sparsity, "final_sparsity")
     initial = check_sparsity(initial_sparsity, "initial_sparsity")
-    begin = _check_step(begin_step, "begin_step")
-    end = _check_step(end_step, "end_step")
+    begin = check_step(begin_step, "begin_step")
+    end = check_step(end_step, "end_step")
     if end < begin:
         raise ValueError(f"end_step={end} precedes begin_step={begin}")
     if (as_int(frequency) or 0) < 1:

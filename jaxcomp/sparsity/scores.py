@@ -124,10 +124,9 @@ class Random(Score):
     needs_key = True
 
     def __call__(self, params, grads, state, key):
-        if key is not None:
-            check_key(key, "Random scores: key")
         if key is None:
             raise ValueError("Random scores need a key: pass key=jax.random.key(...)")
+        check_key(key, "Random scores: key")
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(key, max(len(leaves), 1))
         return jax.tree.unflatten(

@@ -311,7 +311,9 @@ def prune(
 
 
 def _mappings(tree: Any) -> list[Any]:
-    """Every mapping node of `tree` (dicts, NNX `State`s), outermost first."""
+    """Every mapping node of `tree` (dicts, NNX `State`s), outermost first. Not a
+    `jax.tree.leaves(..., is_leaf=...)`: an NNX `State` flattens all its levels at once, so its
+    nested `State`s never reach `is_leaf`."""
     out, todo = [], [tree]
     while todo:
         node = todo.pop()

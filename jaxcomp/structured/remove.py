@@ -31,7 +31,7 @@ def keep_indices(group: ChannelGroup, keep: Any) -> np.ndarray:
         0/1 list of ints is read as indices: pass a bool mask), or nothing is kept.
 
     Example:
-        >>> from jaxcomp.structured.groups import ChannelGroup, check_groups
+        >>> from jaxcomp.structured.groups import ChannelGroup
         >>> keep_indices(ChannelGroup("g", 4, ()), [True, False, True, True]).tolist()
         [0, 2, 3]
     """

@@ -154,7 +154,7 @@ def select_channels(
         scores, or scores for unknown groups.
 
     Example:
-        >>> from jaxcomp.structured.groups import ChannelGroup, check_groups
+        >>> from jaxcomp.structured.groups import ChannelGroup
         >>> g = ChannelGroup("g", 4, ())
         >>> select_channels([g], {"g": jnp.array([3.0, 1.0, 2.0, 0.5])}, ratio=0.5)["g"].tolist()
         [True, False, True, False]
