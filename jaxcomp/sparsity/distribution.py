@@ -67,7 +67,12 @@ class Distribution(abc.ABC):
 
     def for_leaves(self, paths: Sequence[str], pruned: Set[str]) -> Distribution:
         """The distribution one rule's leaves (`paths`) use, among all the `pruned` paths;
-        raises `ValueError` if it cannot apply. By default `check(paths)`, then itself."""
+        raises `ValueError` if it cannot apply. By default `check(paths)`, then itself.
+
+        Example:
+            >>> PerPath({"a": 0.5, "b": 0.25}).for_leaves(["b"], {"a", "b"}).sparsities
+            {'b': 0.25}
+        """
         self.check(paths)
         return self
 
