@@ -6,8 +6,8 @@ pruned weights at exactly zero. There is no second call to forget.
 
 On the steps where the scheduled sparsity changes (or SET/RigL update the topology) a
 `lax.switch` recomputes the masks; on the other steps it passes them through, so nothing
-recompiles and no Python code branches on traced values. When masks change, the inner
-optimizer's moments of pruned and regrown weights are reset to zero through
+recompiles and no Python code branches on traced values. The inner optimizer's moments of
+pruned and regrown weights are reset to zero, and held there while the weights are pruned, through
 `optax.tree_utils.tree_map_params`, which finds the params-shaped parts of any optax state
 (chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without knowing their classes; a
 state it cannot map (SM3's) has its subtrees with the params' structure and shapes reset.
@@ -79,8 +79,9 @@ def _key_data(key: jax.Array | None) -> jax.Array | None:
     return key
 
 
-def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, flags: list[Any]) -> Any:
-    """Zeroes the optimizer-state entries of changed weights in every params-shaped subtree.
+def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, keep: list[Any]) -> Any:
+    """Zeroes the optimizer-state entries of weights not kept (`keep` False, or `None` for a
+    leaf left alone) in every params-shaped subtree.
 
     Entries whose shape is not the param's (Adafactor's factored moments) are left as they are.
     `tree_map_params` finds the params-shaped parts of states that its `init` rebuilds; states
@@ -88,14 +89,14 @@ def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, flags: list[A
     structure and shapes instead.
     """
 
-    def reset(value, flag):
-        if flag is None or not hasattr(value, "shape") or value.shape != flag.shape:
+    def reset(value, kept):
+        if kept is None or not hasattr(value, "shape") or value.shape != kept.shape:
             return value
-        return jnp.where(flag, jnp.zeros((), value.dtype), value)
+        return jnp.where(kept, value, jnp.zeros((), value.dtype))
 
     try:
         return optax.tree_utils.tree_map_params(
-            optimizer, reset, inner_state, jax.tree.unflatten(treedef, flags),
+            optimizer, reset, inner_state, jax.tree.unflatten(treedef, keep),
             is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
         )
     except (ValueError, TypeError):
@@ -106,14 +107,14 @@ def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, flags: list[A
             values = treedef.flatten_up_to(node)
         except (ValueError, TypeError):
             return False
-        return all(flag is None or getattr(value, "shape", None) == flag.shape
-                   for value, flag in zip(values, flags))
+        return all(kept is None or getattr(value, "shape", None) == kept.shape
+                   for value, kept in zip(values, keep))
 
     def reset_subtree(node):
         if not params_shaped(node):
             return node
         values = treedef.flatten_up_to(node)
-        return jax.tree.unflatten(treedef, [reset(v, f) for v, f in zip(values, flags)])
+        return jax.tree.unflatten(treedef, [reset(v, k) for v, k in zip(values, keep)])
 
     return jax.tree.map(reset_subtree, inner_state, is_leaf=params_shaped)
 
@@ -279,12 +280,12 @@ def prune(
         # Weights kept before and after this step; the others (pruned, regrown) end at zero.
         keep = {i: new_masks[i] & old_masks[i] for i in selected} if not straight_through else {}
         if not straight_through:
-            # Pruned and regrown weights start from fresh moments. Off the mask-update steps the
-            # flags are all False; the select fuses into the optimizer's own pass over them.
-            flags = [None] * num_leaves
-            for i in selected:
-                flags[i] = new_masks[i] != old_masks[i]
-            inner_state = _reset_moments(optimizer, inner_state, treedef, flags)
+            # The optimizer-state entries of weights not kept are held at zero, so pruned and
+            # regrown weights start from fresh moments, and an optimizer that moves them anyway
+            # (weight decay before Adam, on the pruning step) is brought back. The select fuses
+            # into the optimizer's own pass, which reads only the keep-mask.
+            inner_state = _reset_moments(optimizer, inner_state, treedef,
+                                         [keep.get(i) for i in range(num_leaves)])
             # The inner optimizer sees zero gradients at pruned weights: their moments stay
             # zero, and whole-tensor statistics (a global-norm clip, LAMB's trust ratio) count
             # only the weights that train.

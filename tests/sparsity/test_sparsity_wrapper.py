@@ -110,6 +110,25 @@ def test_moments_of_pruned_weights_are_reset_and_stay_zero():
     assert np.all(np.asarray(after_state.inner_state[0].nu["a"]["kernel"])[kept] > 0)
 
 
+def test_moments_of_pruned_weights_are_held_at_zero_even_if_the_optimizer_moves_them():
+    """Weight decay inside the optimizer feeds `wd * p` into Adam on the pruning step, while the
+    newly pruned weights are still nonzero; from the next step on their moments are zero again
+    and stay there, as for any pruned weight."""
+    tx = sp.prune(optax.chain(optax.add_decayed_weights(0.5), optax.adam(0.05)),
+                  sp.Pruner(sparsity=sp.one_shot_sparsity(0.5, step=1)))
+    step = _trainer(tx)
+    params, state = _params(), tx.init(_params())
+    for i in range(5):
+        params, state = step(params, state)
+        pruned = ~np.asarray(state.masks["a"]["kernel"])
+        mu = np.asarray(state.inner_state[1][0].mu["a"]["kernel"])
+        if i == 1:  # the pruning step: the decay term reached Adam after the reset
+            assert pruned.any() and np.any(mu[pruned] != 0)
+        elif i > 1:
+            assert np.all(mu[pruned] == 0)
+            assert np.all(np.asarray(params["a"]["kernel"])[pruned] == 0)
+
+
 def test_orbax_checkpoint_mid_schedule_resumes_bit_identically(tmp_path):
     """Save params and PruneState mid-schedule, restore, continue: identical to no interruption."""
     params, state = _HISTORY[4]
