@@ -78,7 +78,16 @@ def _dot_flops(eqn: Any) -> int:
     return 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
 
 
-def _conv_flops(eqn: Any) -> int:
+def _made_by_conv_transpose(eqn: Any) -> bool | None:
+    """Whether `lax.conv_transpose` (behind Flax's `ConvTranspose`) built this convolution;
+    `None` when the equation carries no traceback to tell."""
+    traceback = getattr(eqn.source_info, "traceback", None)
+    if traceback is None:
+        return None
+    return any(frame.function_name == "conv_transpose" for frame in traceback.frames)
+
+
+def _conv_flops(eqn: Any, flipped_kernel: bool = False) -> int:
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     out = eqn.outvars[0].aval
     dn = eqn.params["dimension_numbers"]
@@ -88,12 +97,16 @@ def _conv_flops(eqn: Any) -> int:
     rhs_dilation = eqn.params.get("rhs_dilation") or (1,) * len(kernel)
     padding = eqn.params.get("padding")
     # A stride-1 transposed convolution has no inserted zeros but pads every side by the whole
-    # window ("full" convolution): the padding zeros are not multiplied either.
+    # window ("full" convolution): the padding zeros are not multiplied either. So does the
+    # input gradient of a convolution (its kernel is flipped with `rev`). An ordinary
+    # convolution that the user padded that much multiplies its padding like any other.
     full = (not isinstance(padding, str) and padding is not None and len(padding) == len(kernel)
             and all(s == 1 for s in eqn.params.get("window_strides") or ())
             and any(k > 1 for k in kernel)
             and all(lo >= (k - 1) * r and hi >= (k - 1) * r
                     for (lo, hi), k, r in zip(padding, kernel, rhs_dilation)))
+    if full and not flipped_kernel:
+        full = _made_by_conv_transpose(eqn) is not False
     if full or any(d > 1 for d in eqn.params.get("lhs_dilation") or ()):
         # A transposed convolution: the zeros inserted between inputs are not multiplied (the
         # fvcore convention): every input element meets the whole window, for each output
@@ -145,14 +158,19 @@ def _walk(jaxpr: Any, origins: list[_Origin], counts: _Counts, scale: int) -> li
     def read(v: Any) -> _Origin:
         return _NONE if isinstance(v, jex.Literal) else env.get(v, _NONE)
 
+    flipped: set[Any] = set()  # outputs of `rev`: kernels flipped by a convolution's transpose
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         if name == "dot_general":
             _charge(counts, ins, scale * _dot_flops(eqn))
         elif name == "conv_general_dilated":
-            _charge(counts, ins, scale * _conv_flops(eqn))
+            rhs = eqn.invars[1]
+            flops = _conv_flops(eqn, flipped_kernel=not isinstance(rhs, jex.Literal) and rhs in flipped)
+            _charge(counts, ins, scale * flops)
             counts.record_conv(eqn, ins[1], scale)
+        elif name == "rev":
+            flipped.update(eqn.outvars)
         subs = list(jex.jaxprs_in_params(eqn.params))
         if subs:
             outs = _walk_sub(eqn, subs, ins, counts, scale)

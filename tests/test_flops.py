@@ -125,6 +125,33 @@ def test_a_stride_one_transposed_conv_counts_inputs_times_the_window(padding):
         "kernel": 2 * 2 * 9 * 4 * 6}
 
 
+@pytest.mark.parametrize("k,pad", [(2, 1), (3, 2)])
+def test_an_ordinary_conv_padded_by_the_whole_window_counts_its_outputs(k, pad):
+    """A regular `nn.Conv` padded by k - 1 looks like a stride-1 transposed convolution in the
+    jaxpr, but it multiplies its padding: every output position counts (regression: counted
+    per input, 0.64x at k=3)."""
+    from flax import linen as nn
+
+    x = jnp.zeros((2, 8, 8, 4))
+    out = 8 + 2 * pad - k + 1
+    count = _linen_flops(nn.Conv(6, (k, k), padding=pad), x)
+    assert count.per_path == {"kernel": 2 * 2 * out * out * k * k * 4 * 6}
+
+
+def test_the_input_gradient_of_a_conv_counts_like_its_forward():
+    """The input gradient of a VALID convolution is a full convolution of the flipped kernel;
+    it multiplies no padding, so a grad step counts twice the forward (weight and input
+    gradients) on top of the forward itself."""
+    from flax import linen as nn
+
+    model = nn.Conv(6, (3, 3), padding="VALID")
+    x = jnp.zeros((2, 8, 8, 4))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    forward = 2 * 2 * 6 * 6 * 9 * 4 * 6
+    grad = jax.grad(lambda p, x: model.apply({"params": p}, x).sum(), argnums=(0, 1))
+    assert count_flops(grad, params, x).total == 3 * forward
+
+
 def test_a_scan_carry_that_starts_from_a_parameter_is_state_not_a_weight():
     """A learned initial state h0: every step's h @ U is charged to U (regression: half went to
     h0, from the first step's view of the carry)."""
