@@ -310,4 +310,4 @@ def assert_same_structure(expected: Any, actual: Any, *, what: str = "tree") -> 
         detail.append(f"unexpected paths: {_listing(extra)}")
     if not detail:
         detail.append("same paths in a different order or container types")
-    raise ValueError(f"{what} does not match the structure of the params; " + "; ".join(detail))
+    raise ValueError(f"the structure of {what} does not match the params'; " + "; ".join(detail))

@@ -79,9 +79,18 @@ def _key_data(key: jax.Array | None) -> jax.Array | None:
     return key
 
 
-def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, keep: list[Any]) -> Any:
-    """Zeroes the optimizer-state entries of weights not kept (`keep` False, or `None` for a
-    leaf left alone) in every params-shaped subtree.
+class _Kept:
+    """Marks an optimizer-state entry to reset, holding its keep-mask (a leaf, not a pytree)."""
+
+    def __init__(self, mask: jax.Array):
+        self.mask = mask
+
+
+def _reset_moments(optimizer: Any, inner_state: Any, fresh: Any, treedef: Any,
+                   keep: list[Any]) -> Any:
+    """Sets the optimizer-state entries of weights not kept (`keep` False; `None` for a leaf
+    left alone) back to their values in `fresh`, a state from `optimizer.init` (zero for
+    Adam's moments, `initial_accumulator_value` for Adagrad's).
 
     Entries whose shape is not the param's (Adafactor's factored moments) are left as they are.
     `tree_map_params` finds the params-shaped parts of states that its `init` rebuilds; states
@@ -89,18 +98,29 @@ def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, keep: list[An
     structure and shapes instead.
     """
 
-    def reset(value, kept):
+    def reset(value, initial, kept):
         if kept is None or not hasattr(value, "shape") or value.shape != kept.shape:
             return value
-        return jnp.where(kept, value, jnp.zeros((), value.dtype))
+        return jnp.where(kept, value, jnp.asarray(initial, value.dtype))
 
+    def mark(value, kept):
+        if kept is None or not hasattr(value, "shape") or value.shape != kept.shape:
+            return value
+        return _Kept(kept)
+
+    leaves, state_def = jax.tree.flatten(inner_state)
     try:
-        return optax.tree_utils.tree_map_params(
-            optimizer, reset, inner_state, jax.tree.unflatten(treedef, keep),
+        marks = state_def.flatten_up_to(optax.tree_utils.tree_map_params(
+            optimizer, mark, inner_state, jax.tree.unflatten(treedef, keep),
             is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
-        )
+        ))
+        initial = state_def.flatten_up_to(fresh)
     except (ValueError, TypeError):
         pass
+    else:
+        return jax.tree.unflatten(state_def, [
+            reset(v, f, m.mask) if isinstance(m, _Kept) else v
+            for v, f, m in zip(leaves, initial, marks)])
 
     def params_shaped(node):
         try:
@@ -110,13 +130,23 @@ def _reset_moments(optimizer: Any, inner_state: Any, treedef: Any, keep: list[An
         return all(kept is None or getattr(value, "shape", None) == kept.shape
                    for value, kept in zip(values, keep))
 
-    def reset_subtree(node):
+    def reset_subtree(node, initial):
         if not params_shaped(node):
             return node
-        values = treedef.flatten_up_to(node)
-        return jax.tree.unflatten(treedef, [reset(v, k) for v, k in zip(values, keep)])
+        values, initial = treedef.flatten_up_to(node), treedef.flatten_up_to(initial)
+        return jax.tree.unflatten(treedef, [reset(v, f, k)
+                                            for v, f, k in zip(values, initial, keep)])
 
-    return jax.tree.map(reset_subtree, inner_state, is_leaf=params_shaped)
+    return jax.tree.map(reset_subtree, inner_state, fresh, is_leaf=params_shaped)
+
+
+def _check_params(params: Any) -> None:
+    if params is None:
+        raise ValueError("prune(...).update needs params: call update(grads, state, params)")
+    if isinstance(params, optax.LookaheadParams):
+        raise ValueError(
+            "prune does not support optax.lookahead: its params (LookaheadParams) hold a fast "
+            "and a slow copy of every weight, which would be pruned with separate masks")
 
 
 def prune(
@@ -190,6 +220,7 @@ def prune(
     dynamic = pruner.dynamic
 
     def init_fn(params: optax.Params) -> PruneState:
+        _check_params(params)
         groups, treedef, num_leaves = resolve(params, pruner)
         leaves = treedef.flatten_up_to(params)
         masks: list[Any] = [None] * num_leaves
@@ -206,8 +237,7 @@ def prune(
         )
 
     def update_fn(updates, state: PruneState, params=None, **extra_args):
-        if params is None:
-            raise ValueError("prune(...).update needs params: call update(grads, state, params)")
+        _check_params(params)
         groups, treedef, num_leaves = resolve(params, pruner)
         assert_same_structure(params, updates, what="the gradients")
         p_leaves = treedef.flatten_up_to(params)
@@ -280,12 +310,17 @@ def prune(
         # Weights kept before and after this step; the others (pruned, regrown) end at zero.
         keep = {i: new_masks[i] & old_masks[i] for i in selected} if not straight_through else {}
         if not straight_through:
-            # The optimizer-state entries of weights not kept are held at zero, so pruned and
-            # regrown weights start from fresh moments, and an optimizer that moves them anyway
-            # (weight decay before Adam, on the pruning step) is brought back. The select fuses
-            # into the optimizer's own pass, which reads only the keep-mask.
-            inner_state = _reset_moments(optimizer, inner_state, treedef,
-                                         [keep.get(i) for i in range(num_leaves)])
+            # The optimizer-state entries of weights not kept are held at their initial values
+            # (zero for Adam's moments), before the inner update, so weights pruned now add
+            # nothing to it... The selects fuse into the optimizer's own passes, which read
+            # only the keep-mask.
+            # A state that starts from the params (schedule-free's) starts from zero there.
+            zeroed = list(p_leaves)
+            for i, k in keep.items():
+                zeroed[i] = jnp.where(k, p_leaves[i], jnp.zeros((), p_leaves[i].dtype))
+            fresh = optimizer.init(jax.tree.unflatten(treedef, zeroed))
+            keep_list = [keep.get(i) for i in range(num_leaves)]
+            inner_state = _reset_moments(optimizer, inner_state, fresh, treedef, keep_list)
             # The inner optimizer sees zero gradients at pruned weights: their moments stay
             # zero, and whole-tensor statistics (a global-norm clip, LAMB's trust ratio) count
             # only the weights that train.
@@ -294,6 +329,10 @@ def prune(
                 masked[i] = jnp.where(k, g_leaves[i], jnp.zeros((), g_leaves[i].dtype))
             updates = jax.tree.unflatten(treedef, masked)
         inner_updates, inner_state = optimizer.update(updates, inner_state, params, **extra_args)
+        if not straight_through:
+            # ... and after it, so a weight that grows back starts from them on its first step
+            # (a state that moves without gradient, RMSProp's decaying scale, moved meanwhile).
+            inner_state = _reset_moments(optimizer, inner_state, fresh, treedef, keep_list)
         out = treedef.flatten_up_to(inner_updates)
         for i, k in keep.items():
             # Pruned and regrown weights both end at exactly zero (p + (-p) == 0 exactly);
