@@ -141,12 +141,19 @@ def qconv(
     if (as_int(groups) or 0) < 1 or in_features % as_int(groups):
         raise ValueError(f"{path}: feature_group_count must be a positive int dividing the "
                          f"{in_features} input features, got {groups!r}")
+    kernel_in = w.shape[dn.rhs_spec[1]]
+    if in_features != kernel_in * int(groups):
+        raise ValueError(f"{path}: the input has {in_features} features (shape {x.shape}), the "
+                         f"kernel (shape {w.shape}) takes {kernel_in} per group x {int(groups)} "
+                         "group(s)")
     if isinstance(padding, str) and any(d != 1 for d in lhs_dilation):
         raise ValueError(f"{path}: padding {padding!r} is not defined with lhs_dilation "
                          f"{tuple(lhs_dilation)}; give explicit (low, high) pads")
     options = (window_strides, padding, lhs_dilation, rhs_dilation, dn, int(groups))
-    if activations is not None and act_params is None:
-        check_finite(x, path)  # a dynamic range over a NaN/Inf would make every output NaN
+    if activations is not None:
+        # A dynamic range over a NaN/Inf would make every output NaN; a static one would clip an
+        # Inf to the largest code (as `fake_quant` refuses to, too).
+        check_finite(x, path)
     if act_params is not None and activations is not None:
         # Shapes, and concrete values: a zero or NaN scale would zero or NaN the layer silently.
         check_params(act_params, layout(x.shape, activations, path), path, activations)
@@ -190,12 +197,13 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     wq = w.codes().astype(jnp.int8)
     if zx is not None:
+        # Positive pads are filled with the zero point; negative ones (crops) stay the conv's.
         pads = [(0, 0)] * x.ndim
-        for axis, pad in zip(dn.lhs_spec[2:], padding):
-            pads[axis] = pad
+        for axis, (lo, hi) in zip(dn.lhs_spec[2:], padding):
+            pads[axis] = (max(lo, 0), max(hi, 0))
         zx_i = jnp.round(zx).astype(jnp.int32).reshape(())
         xq = jnp.pad(xq, pads, constant_values=zx_i.astype(jnp.int8))
-        padding = tuple((0, 0) for _ in padding)
+        padding = tuple((min(lo, 0), min(hi, 0)) for lo, hi in padding)
     acc = conv(xq, wq, padding=padding, preferred_element_type=jnp.int32)
     if zx is not None:
         reduce = tuple(a for a in range(len(kernel_shape)) if a != out_axis)

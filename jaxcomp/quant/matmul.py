@@ -104,6 +104,10 @@ def quantize_activations(
         # Concrete static params are checked here too, for callers that come straight here (the
         # integer einsum): a zero, negative or NaN scale would give a silently wrong product.
         params = check_params(QuantParams(*act_params), lay, path, activations)
+        # A NaN has no integer code: it makes its row's scale NaN (so the row's outputs), as a
+        # dynamic range over it would, instead of a garbage code.
+        bad = jnp.any(jnp.isnan(x), axis=tuple(contract), keepdims=True)
+        params = params._replace(scale=jnp.where(bad, jnp.nan, params.scale))
     codes = from_grouped(codes_from_grouped(to_grouped(x, lay), params, activations), lay)
     q, zero = _int8_codes(codes, params.zero_point, activations, path)
     return q, params.scale, zero
@@ -339,7 +343,7 @@ def qdot(
 
     Raises:
       ValueError: naming `path` for a non-QArray `w`, a non-float or scalar `x`, NaN/Inf in a
-        concrete `x` with dynamic activation ranges, bad dimension numbers, an unknown strategy,
+        concrete `x` with quantized activations, bad dimension numbers, an unknown strategy,
         a stochastic activation spec, or activation scales that vary along the contracted axes.
 
     Example:
@@ -362,9 +366,9 @@ def qdot(
         if activations.rounding == "stochastic":
             raise ValueError(f"{path}: serving rounds activations to nearest; stochastic rounding "
                              f"({activations.describe()}) is for training (fake_quant with a key)")
-        if act_params is None:
-            # A dynamic range over a NaN/Inf would make every output NaN, not just its row's.
-            check_finite(x, path)
+        # A dynamic range over a NaN/Inf would make every output NaN, not just its row's; a
+        # static one would clip an Inf to the largest code (as `fake_quant` refuses to, too).
+        check_finite(x, path)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     dims = _normalize_dims(dimension_numbers, x.ndim, len(w.shape), path)
     for x_axes, w_axes in dims:  # contracting, then batch axes

@@ -359,7 +359,8 @@ def codes_from_grouped(
     params = QuantParams(_scalar_if_single(params.scale), _scalar_if_single(params.zero_point))
     xg = xg.astype(_compute_dtype(xg.dtype))
     # A division per element (not a multiply by 1/s) lets XLA fuse the scale computation into
-    # this elementwise pass instead of running it as a separate kernel, and rounds exactly.
+    # this elementwise pass instead of running it as a separate kernel. (XLA may still turn it
+    # into a multiply by the reciprocal, one float32 rounding off at a tie: see the docs.)
     v = xg / params.scale.astype(xg.dtype)
     if spec.is_fp8:
         fp8 = spec.storage_dtype

@@ -288,6 +288,11 @@ class EMAObserver(Observer):
                 jnp.where(first, hi, d * state.hi + (1 - d) * hi))
 
 
+def _label(name: str) -> str:
+    """A tensor's name in error messages: a layer's path, or "<root module>" for the root (path "")."""
+    return name or "<root module>"
+
+
 def calibrate(
     collect: Callable[[Any], Mapping[str, jax.Array]],
     batches: Iterable[Any],
@@ -333,7 +338,7 @@ def calibrate(
     @jax.jit
     def step(states, batch):
         tensors = collect(batch)
-        return {name: observer.update(states[name], x, spec, name) for name, x in tensors.items()}
+        return {name: observer.update(states[name], x, spec, _label(name)) for name, x in tensors.items()}
 
     kept: dict[str, tuple[int, ...]] = {}
     for index, batch in enumerate(batches):
@@ -343,13 +348,13 @@ def calibrate(
             raise ValueError(f"calibrate: collect must return a flat {{name: tensor}} dict, got "
                              f"{jax.tree.map(lambda s: s.shape, shapes)!r} for batch {index}")
         if states is None:
-            states = {name: observer.init(s.shape, spec, name) for name, s in shapes.items()}
-            kept = {name: layout(s.shape, spec, name).params_shape for name, s in shapes.items()}
+            states = {name: observer.init(s.shape, spec, _label(name)) for name, s in shapes.items()}
+            kept = {name: layout(s.shape, spec, _label(name)).params_shape for name, s in shapes.items()}
         for name, s in shapes.items():
-            now = layout(s.shape, spec, name).params_shape if name in kept else None
+            now = layout(s.shape, spec, _label(name)).params_shape if name in kept else None
             if now != kept.get(name):
                 raise ValueError(
-                    f"{name}: calibration batch {index} gives quantization parameters of shape "
+                    f"{_label(name)}: calibration batch {index} gives quantization parameters of shape "
                     f"{now}, the first batch {kept.get(name)}: {spec.describe()} keeps an axis "
                     "whose size changes between batches (a per-row spec has no static range); "
                     "calibrate per tensor or per channel on a feature axis")
@@ -361,8 +366,8 @@ def calibrate(
             # inputs, execution order): the first one named is where the NaN/Inf came in.
             tensors = collect(batch)
             for name in (name for name in tensors if name in bad):
-                check_finite(tensors[name], f"{name} (calibration batch {index})")
-            raise ValueError(f"calibration batch {index}: NaN/Inf in {bad}")
+                check_finite(tensors[name], f"{_label(name)} (calibration batch {index})")
+            raise ValueError(f"calibration batch {index}: NaN/Inf in {[_label(n) for n in bad]}")
     if states is None:
         raise ValueError("calibrate got no batches")
-    return {name: observer.params(state, spec, name) for name, state in states.items()}
+    return {name: observer.params(state, spec, _label(name)) for name, state in states.items()}

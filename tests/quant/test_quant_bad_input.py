@@ -77,6 +77,8 @@ IMG = jnp.ones((1, 5, 5, 2))
          "conv: padding must be"),
         (lambda: qconv(IMG[0], K, window_strides=(1, 1), padding="SAME", path="conv"),
          "conv: qconv needs an input of the kernel's rank 4"),
+        (lambda: qconv(jnp.ones((1, 5, 5, 3)), K, window_strides=(1, 1), padding="SAME",
+                       path="conv"), "conv: the input has 3 features"),
         # Wrong types where a spec, params or a key belong.
         (lambda: fake_quant(X, None, path="w"), "w: expected a jaxcomp.quant.QuantSpec, got NoneType"),
         (lambda: quantize(X, "int8", path="w"), "w: expected a jaxcomp.quant.QuantSpec, got str"),

@@ -86,6 +86,32 @@ def test_static_activation_params_are_used_instead_of_the_batch_range():
     chex.assert_trees_all_close(out, _reference(X, w, QuantSpec(), params), atol=2e-5, rtol=2e-5)
 
 
+
+@pytest.mark.parametrize("strategy", ["int8", "int8_padded", "dequantize"])
+@pytest.mark.parametrize("zero_point", [None, 3.0])
+def test_a_nan_with_static_activation_params_is_rejected_or_propagates(strategy, zero_point):
+    """A NaN has no integer code: eagerly a ValueError (as fake_quant), under jit its row's
+    outputs are NaN and the other rows are untouched (regression: finite garbage on int8)."""
+    w = quantize(W, PER_CHANNEL)
+    spec = QuantSpec(symmetric=zero_point is None)
+    params = QuantParams(jnp.float32(0.01), None if zero_point is None else jnp.float32(zero_point))
+    x = X.at[2, 5].set(jnp.nan)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        qdot(x, w, activations=spec, act_params=params, strategy=strategy)
+    out = jax.jit(lambda x: qdot(x, w, activations=spec, act_params=params, strategy=strategy))(x)
+    assert bool(jnp.isnan(out[2]).all()) and not bool(jnp.isnan(jnp.delete(out, 2, axis=0)).any())
+    chex.assert_trees_all_close(jnp.delete(out, 2, axis=0),
+                                jnp.delete(_reference(X, w, spec, params), 2, axis=0),
+                                atol=2e-5, rtol=2e-5)
+    wc = quantize(jax.random.normal(KW, (3, 3, 2, 4)), PER_CHANNEL)
+    xc = jnp.ones((1, 5, 5, 2)).at[0, 1, 1, 0].set(jnp.nan)
+    conv = functools.partial(qconv, w=wc, window_strides=(1, 1), padding="SAME",
+                             activations=spec, act_params=params, strategy=strategy.replace(
+                                 "_padded", ""))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        conv(xc)
+    assert bool(jnp.isnan(jax.jit(conv)(xc)).any())
+
 def test_weight_only_mode_multiplies_float_activations_by_the_codes():
     """activations=None: x @ dequantize(w), with no int8 activation anywhere."""
     for spec in (PER_CHANNEL, QuantSpec(bits=4, symmetric=False, channel_axes=(-1,)),
@@ -163,6 +189,8 @@ CONV_W = jax.random.normal(KW, (3, 3, 3, 4))
         (QuantSpec(symmetric=False), dict(window_strides=(2, 2), padding="SAME")),
         (QuantSpec(signed=False, symmetric=False), dict(window_strides=(1, 1), padding=((2, 1), (0, 1)),
                                                         rhs_dilation=(2, 1))),
+        # Negative pads crop (as in lax and nn.Conv); the positive ones hold the zero point.
+        (QuantSpec(symmetric=False), dict(window_strides=(1, 1), padding=((-1, 0), (1, -2)))),
     ],
 )
 def test_qconv_equals_fake_quant_convolution_on_int8(act_spec, options):

@@ -125,6 +125,12 @@ def test_linen_calibration_rejects_nan_and_empty_selections():
         calibrate_linen(MLP, MLP_VARS, [bad], ACT)
     with pytest.raises(ValueError, match="selects no"):
         calibrate_linen(MLP, MLP_VARS, [X], ACT, where="Conv.*")
+    # A model that is itself the layer has the path "": the message names the root module.
+    dense = nn.Dense(3)
+    row = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"^<root module> \(calibration batch 1\): 1 NaN/Inf"):
+        calibrate_linen(dense, dense.init(jax.random.key(0), row), [row, row.at[0, 1].set(jnp.nan)],
+                        ACT)
 
 
 def test_linen_lsq_and_pact_scales_are_trained_with_the_params():
@@ -218,7 +224,8 @@ def test_linen_serving_rejects_a_qarray_kernel_without_an_integer_path():
     model = nn.ConvTranspose(2, (3, 3))
     variables = jax.jit(model.init)(jax.random.key(0), X[:1])
     qparams = quantize_tree(variables["params"], WEIGHTS, where=r".*kernel")
-    with pytest.raises(ValueError, match="kernel is a QArray but ConvTranspose has no integer path"):
+    with pytest.raises(ValueError, match=r"kernel \(of the root ConvTranspose\) is a QArray but "
+                                         "ConvTranspose has no integer path"):
         serve_linen(model)({"params": qparams}, X)
 
 

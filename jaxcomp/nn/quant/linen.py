@@ -269,7 +269,7 @@ def init_input_steps_linen(
             dict(apply_kwargs or {})))(batch)
     if not inputs:
         raise ValueError(f"init_input_steps_linen: where={where!r} selects no layer")
-    return {path: lsq_init(x, spec, path) for path, x in inputs.items()}
+    return {path: lsq_init(x, spec, path or "<root module>") for path, x in inputs.items()}
 
 
 def _linen_layer(module, x, kernel, bias, *, activations, act_params, strategy, path):
@@ -337,19 +337,21 @@ def serve_linen(
         own = module.variables.get("params", {}) if module.scope is not None else {}
         kernel = own.get("kernel") if hasattr(own, "get") else None
         path = _linen_path(module)
+        leaf = lambda name: f"{path}/{name}" if path else f"{name} (of the root {type(module).__name__})"  # noqa: E731
         if not isinstance(kernel, QArray):
             for name, value in (own.items() if hasattr(own, "items") else ()):
                 if isinstance(value, QArray):
                     raise ValueError(
-                        f"serve_linen: {path}/{name} is a QArray but {type(module).__name__} has no "
+                        f"serve_linen: {leaf(name)} is a QArray but {type(module).__name__} has no "
                         "integer path; leave it out of quantize_tree(where=...) or materialize it")
             return next_fun(*args, **kwargs)
         if not isinstance(module, supported) or not selected(path, module):
             if not isinstance(module, supported):
                 raise ValueError(
-                    f"serve_linen: {path}/kernel is a QArray but {type(module).__name__} has no "
-                    "integer path; leave it out of quantize_tree(where=...) or materialize it")
-            raise ValueError(f"serve_linen: {path}/kernel is a QArray but where= excludes the layer")
+                    f"serve_linen: {leaf('kernel')} is a QArray but {type(module).__name__} has "
+                    "no integer path; leave it out of quantize_tree(where=...) or materialize it")
+            raise ValueError(f"serve_linen: {leaf('kernel')} is a QArray but where= excludes the "
+                             "layer")
         x, _ = _input_and_rest(args, kwargs)
         bias = own.get("bias")
         params = None if act_params is None or activations is None else lookup(act_params, path, "act_params")
