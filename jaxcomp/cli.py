@@ -29,6 +29,17 @@ class _UsageError(ValueError):
     """A demo argument out of range (the command prints it and exits with status 2)."""
 
 
+def _prune_schedule(sparsity: float, prune_steps: int, steps_per_epoch: int):
+    """The demo's polynomial schedule: the target two thirds of the way through, so the
+    survivors recover after it, and by the last step at the latest (at once for one step)."""
+    from jaxcomp import sparsity as sp
+
+    return sp.polynomial_sparsity(
+        sparsity, begin_step=0, end_step=min(max(1, 2 * prune_steps // 3), prune_steps - 1),
+        frequency=max(1, steps_per_epoch // 2),
+    )
+
+
 def run_demo(
     epochs: int = 25,
     batch_size: int = 32,
@@ -122,12 +133,8 @@ def run_demo(
 
     accuracy_pruned = accuracy_dense
     if sparsity > 0 and prune_epochs > 0:
-        # Reach the target two thirds of the way through, then let the survivors recover.
         prune_steps = prune_epochs * steps_per_epoch
-        schedule = sp.polynomial_sparsity(
-            sparsity, begin_step=0, end_step=max(1, 2 * prune_steps // 3),
-            frequency=max(1, steps_per_epoch // 2),
-        )
+        schedule = _prune_schedule(sparsity, prune_steps, steps_per_epoch)
         pruner = sp.Pruner(sparsity=schedule, where=r".*kernel", distribution=sp.GlobalThreshold())
         tx = sp.prune(optax.adam(optax.cosine_decay_schedule(learning_rate / 2, prune_steps)),
                       pruner)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxcomp.cli import main, run_demo
+from jaxcomp.cli import _prune_schedule, main, run_demo
 
 
 def test_demo_trains_prunes_quantizes_and_ends_with_a_json_line_of_real_figures():
@@ -32,6 +32,14 @@ def test_demo_trains_prunes_quantizes_and_ends_with_a_json_line_of_real_figures(
     assert any(line.startswith("  prune epoch   2/2") for line in lines)
     assert any(line.startswith("path") for line in lines)  # the report table
     assert any("QArray" in line for line in lines)
+
+
+@pytest.mark.parametrize("prune_steps", [1, 2, 3, 7, 12])
+def test_the_demo_schedule_reaches_its_target_by_the_last_step(prune_steps):
+    """One pruning step prunes at once (regression: a one-step run printed 99% and pruned
+    nothing, its target due at a step that never ran)."""
+    schedule = _prune_schedule(0.9, prune_steps, steps_per_epoch=1)
+    assert float(schedule(prune_steps - 1)) == pytest.approx(0.9)
 
 
 def test_run_demo_rejects_bad_settings():

@@ -327,8 +327,9 @@ def qdot(
       x: float activations.
       w: a `QArray` weight (int8, int4, int2 or uint codes; any granularity).
       activations: how `x` is quantized (per tensor by default; per row with `channel_axes` on
-        the non-contracted axes). None is weight-only mode: float `x` times the integer codes,
-        scales applied after the matmul.
+        the non-contracted axes). Scales that vary along a contracted axis (per input channel,
+        per group) run the dequantize strategy: the same numbers, in float. None is weight-only
+        mode: float `x` times the integer codes, scales applied after the matmul.
       act_params: static activation scale / zero point (from calibration); by default they are
         computed from `x` on every call (dynamic ranges).
       dimension_numbers: as `lax.dot_general`; by default `x`'s last axis contracts with `w`'s
@@ -344,7 +345,7 @@ def qdot(
     Raises:
       ValueError: naming `path` for a non-QArray `w`, a non-float or scalar `x`, NaN/Inf in a
         concrete `x` with quantized activations, bad dimension numbers, an unknown strategy,
-        a stochastic activation spec, or activation scales that vary along the contracted axes.
+        or a stochastic activation spec.
 
     Example:
         >>> w = quantize(jnp.array([[1.0, -2.0], [0.5, 0.25]]), QuantSpec(channel_axes=(-1,)))
@@ -378,17 +379,19 @@ def qdot(
                                  f"does not match weight axis {b} of size {w.shape[b]} "
                                  f"(shape {w.shape})")
     if activations is not None and not dims[1][0]:
-        _check_activation_scales(x.shape, activations, act_params, dims[0][0], path)
+        _check_activation_scales(x.shape, activations, act_params, path)
     return _qdot_program(x, w, act_params, dims, activations, strategy, out_dtype)
 
 
-def _check_activation_scales(shape, activations: QuantSpec, act_params, contract, path: str) -> None:
+def _scales_shared(shape, activations: QuantSpec, contract) -> bool:
+    """Whether the activation scales are shared along the contracted axes (per tensor or per
+    row), which an integer product needs; other specs run the dequantize path."""
+    lay = layout(shape, activations)
+    return lay.grouped_shape == lay.shape and all(lay.params_shape[a] == 1 for a in contract)
+
+
+def _check_activation_scales(shape, activations: QuantSpec, act_params, path: str) -> None:
     lay = layout(shape, activations, path)
-    if lay.grouped_shape != lay.shape or any(lay.params_shape[a] != 1 for a in contract):
-        raise ValueError(
-            f"{path}: activation scales must be shared along the contracted axes {tuple(contract)} "
-            f"(per-tensor or per-row), got {activations.describe()}"
-        )
     if act_params is not None:
         act_params = as_quant_params(act_params, path)
         for name, value in zip(("scale", "zero_point"), act_params):
@@ -417,6 +420,7 @@ def _qdot_program(x, w: QArray, act_params, dims, activations, strategy, out_dty
     int_ok = (
         not xb and not w.spec.is_fp8 and w.spec.bits <= 8
         and not activations.is_fp8 and activations.bits <= 8
+        and _scales_shared(x.shape, activations, xc)
         and (_weight_scales_fit(w, wc)
              or (grouped and len(wc) == 1 and g_axis == wc[0]
                  and int8_without_zero_point(w.spec, w.zero_point)))

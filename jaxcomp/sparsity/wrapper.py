@@ -115,7 +115,9 @@ def _reset_moments(optimizer: Any, inner_state: Any, fresh: Any, treedef: Any,
             is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
         ))
         initial = state_def.flatten_up_to(fresh)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        # An `init` that reads the params' values (a line search indexes its first leaf) cannot
+        # run on tree_map_params' placeholder: fall back to the structural search below.
         pass
     else:
         return jax.tree.unflatten(state_def, [
@@ -188,7 +190,8 @@ def prune(
     Raises:
       ValueError: at construction, for a missing key, an optimizer that is not an optax
         transformation, or dynamic sparse training with `straight_through`; at `init`/`update`,
-        for settings that do not fit the params (naming path and value) or a missing `params`.
+        for settings that do not fit the params (naming path and value), a missing `params`, or
+        `optax.lookahead`'s params (a fast and a slow copy of each weight).
 
     Example:
         >>> from jaxcomp.sparsity import polynomial_sparsity

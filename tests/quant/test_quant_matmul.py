@@ -139,6 +139,16 @@ def test_fp8_weights_and_batch_dims_fall_back_to_float_math():
     chex.assert_trees_all_close(qdot(X, w), _reference(X, w, QuantSpec()), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("act_spec", [QuantSpec(channel_axes=(-1,)), QuantSpec(group_size=4, group_axis=-1)])
+def test_activation_scales_along_the_contracted_axis_serve_in_float(act_spec):
+    """Per-input-channel or per-group activation scales have no integer product: they run the
+    dequantize path (the same numbers in float), whatever the strategy asks."""
+    w = quantize(W, PER_CHANNEL)
+    f = lambda x: qdot(x, w, activations=act_spec, strategy="int8")  # noqa: E731
+    chex.assert_trees_all_close(jax.jit(f)(X), _reference(X, w, act_spec), atol=2e-5, rtol=2e-5)
+    assert all(o[0] == jnp.float32 for o in _dot_operand_dtypes(f, X))
+
+
 def test_qdot_errors_name_the_problem():
     """Bad weights, strategies and activation granularities raise ValueError."""
     w = quantize(W, PER_CHANNEL)
@@ -146,8 +156,6 @@ def test_qdot_errors_name_the_problem():
         qdot(X, W)
     with pytest.raises(ValueError, match="strategy must be"):
         qdot(X, w, strategy="fast")
-    with pytest.raises(ValueError, match="shared along the contracted axes"):
-        qdot(X, w, activations=QuantSpec(channel_axes=(-1,)), strategy="int8")
     with pytest.raises(ValueError, match="expected a floating-point"):
         qdot(X.astype(jnp.int32), w)
 

@@ -319,8 +319,8 @@ def test_nnx_serving_names_the_layer_and_rejects_a_spec_for_the_state():
     quantized state belongs is a ValueError saying what to pass."""
     model = quantize_inputs_nnx(_nnx_mlp(), QuantSpec(bits=8, channel_axes=(-1,)))
     q = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
-    with pytest.raises(ValueError, match="layers/0: activation scales must be shared"):
-        serve_nnx(model, q)(X)
+    with pytest.raises(ValueError, match="layers/0: 1 NaN/Inf"):
+        serve_nnx(model, q)(X.at[0, 3, 3, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="qstate must be the quantized params"):
         serve_nnx(_nnx_mlp(), WEIGHTS)
 
@@ -458,3 +458,61 @@ def test_linen_calibration_of_layers_inside_nn_scan_says_why_it_cannot():
         serve_linen(ensemble)({"params": shared}, x)
     per_member = quantize_tree(params, QuantSpec(channel_axes=(0, -1)), where=r".*kernel")
     assert serve_linen(ensemble)({"params": per_member}, x).shape == (3, 2, 4)
+
+
+def test_nnx_layers_in_plain_lists_and_tuples_are_wrapped_and_served():
+    """Layers held in `nnx.data([...])` (a plain list) or a tuple are wrapped and served like
+    those of an nnx.List (regression: silently left on float weights)."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.data([nnx.Linear(8, 8, rngs=nnx.Rngs(i)) for i in range(2)])
+            self.pair = nnx.data((nnx.Linear(8, 8, rngs=nnx.Rngs(2)),))
+            self.out = nnx.Linear(8, 3, rngs=nnx.Rngs(3))
+
+        def __call__(self, x):
+            for layer in [*self.layers, *self.pair]:
+                x = nnx.relu(layer(x))
+            return self.out(x)
+
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    model, ref = Net(), Net()
+    quantize_inputs_nnx(model, ACT)
+    assert all(isinstance(m, QuantizedInput) for m in [*model.layers, *model.pair, model.out])
+    with pytest.raises(ValueError, match="layers/0 is already a QuantizedInput"):
+        quantize_inputs_nnx(model, ACT)
+    qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    serve_nnx(model, qstate, strategy="int8")
+    assert all(isinstance(m, QuantizedLayer) for m in [*model.layers, *model.pair, model.out])
+    nnx.update(ref, jaxcomp.materialize(quantize_tree(nnx.state(ref, nnx.Param), WEIGHTS,
+                                                      where=r".*kernel")))
+    h = x  # the reference fake-quantizes each layer's input by hand
+    for layer in [*ref.layers, *ref.pair]:
+        h = nnx.relu(layer(fake_quant(h, ACT)))
+    chex.assert_trees_all_close(model(x), ref.out(fake_quant(h, ACT)), atol=1e-5, rtol=1e-5)
+
+
+def test_nnx_serving_that_fails_leaves_the_model_unchanged_and_names_lsq_layers():
+    """A serve_nnx call that raises (no QArray kernel) writes nothing into the model; a bad LSQ
+    step names its layer's path."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.emb = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+        def __call__(self, t):
+            return self.head(self.emb(t))
+
+    model, tokens = Net(), jnp.arange(6).reshape(2, 3)
+    before = model(tokens)
+    qstate = quantize_tree(nnx.state(model, nnx.Param), QuantSpec(bits=2), where=r".*embedding")
+    with pytest.raises(ValueError, match="no QArray kernel"):
+        serve_nnx(model, qstate)
+    np.testing.assert_array_equal(model(tokens), before)
+    lsq = quantize_inputs_nnx(_nnx_mlp(), ACT, method="lsq")
+    path, wrapper = [(p, m) for p, m in nnx.iter_modules(lsq) if isinstance(m, QuantizedInput)][-1]
+    wrapper.step.set_value(-jnp.ones(()))
+    name = "/".join(str(part) for part in path)
+    with pytest.raises(ValueError, match=f"{name}: the LSQ step must be finite and positive"):
+        lsq(X)

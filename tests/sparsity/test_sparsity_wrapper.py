@@ -152,6 +152,28 @@ def test_a_regrown_weight_starts_from_the_optimizers_initial_state(name):
     np.testing.assert_allclose(np.asarray(updates["k"])[regrown], [first], rtol=1e-5)
 
 
+def test_a_line_search_optimizer_is_wrapped():
+    """L-BFGS's line search reads its params in `init`, so tree_map_params cannot map its state
+    (regression: an IndexError on every update); the structural search resets it instead."""
+    tx = sp.prune(optax.lbfgs(), sp.Pruner(sparsity=sp.one_shot_sparsity(0.5, step=1)))
+    value_and_grad = optax.value_and_grad_from_state(_loss)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = value_and_grad(params, state=state)
+        updates, state = tx.update(grads, state, params, value=value, grad=grads, value_fn=_loss)
+        return optax.apply_updates(params, updates), state, value
+
+    params, state = _params(), tx.init(_params())
+    losses = []
+    for _ in range(6):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    kernel, mask = np.asarray(params["a"]["kernel"]), np.asarray(state.masks["a"]["kernel"])
+    assert mask.mean() == 0.5 and np.all(kernel[~mask] == 0) and np.all(np.isfinite(losses))
+    assert losses[-1] < losses[1]
+
+
 def test_lookahead_is_refused_with_a_reason():
     """`optax.lookahead` params hold two copies of every weight: a clear error, not a pytree
     mismatch from deep inside optax."""

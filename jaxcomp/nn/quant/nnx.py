@@ -70,10 +70,11 @@ class QuantizedInput(nnx.Module):
     """
 
     def __init__(self, layer: nnx.Module, spec: QuantSpec, *, method: str = "dynamic",
-                 ste: str = "clipped", observer: Observer | None = None):
+                 ste: str = "clipped", observer: Observer | None = None, path: str = "x"):
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.layer = layer
+        self.path = path  # the layer's name in error messages
         self.config = _InputConfig(spec, method, ste)
         self.observer = observer or MinMaxObserver()
         self.observing = False
@@ -96,31 +97,48 @@ class QuantizedInput(nnx.Module):
                                 axis=lay.reduce_axes, keepdims=True)
             self.observer_state.set_value((self.observer.update(state, x, spec), abs_sum + abs_mean))
         elif method == "dynamic":
-            x = fake_quant(x, spec, ste=self.config.ste)
+            x = fake_quant(x, spec, ste=self.config.ste, path=self.path)
         elif method == "static":
             zero = None if self.zero_point is None else self.zero_point.get_value()
-            x = fake_quant(x, spec, params=QuantParams(self.scale.get_value(), zero), ste=self.config.ste)
+            x = fake_quant(x, spec, params=QuantParams(self.scale.get_value(), zero),
+                           ste=self.config.ste, path=self.path)
         elif method == "lsq":
-            x = lsq_fake_quant(x, self.step.get_value(), spec)
+            x = lsq_fake_quant(x, self.step.get_value(), spec, path=self.path)
         else:
-            x = pact_fake_quant(x, self.alpha.get_value(), spec)
+            x = pact_fake_quant(x, self.alpha.get_value(), spec, path=self.path)
         return self.layer(x, *args, **kwargs)
 
 
+def _walkable(x: Any) -> bool:
+    return isinstance(x, (nnx.Module, nnx.List, nnx.Dict, list, tuple, dict))
+
+
 def _nnx_children(node: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
-    """(name, child, setter) for module attributes and the items of nnx.List / nnx.Dict."""
-    if isinstance(node, nnx.List):
+    """(name, child, setter) for module attributes and the items of nnx.List / nnx.Dict and of
+    plain lists, tuples and dicts (`nnx.data([...])`), named as in `nnx.state`."""
+    if isinstance(node, (nnx.List, list)):
         for i, child in enumerate(list(node)):
-            yield str(i), child, lambda v, i=i: node.__setitem__(i, v)
+            if _walkable(child):
+                yield str(i), child, lambda v, i=i: node.__setitem__(i, v)
         return
-    if isinstance(node, nnx.Dict):
+    if isinstance(node, (nnx.Dict, dict)):
         for k, child in list(node.items()):
-            yield str(k), child, lambda v, k=k: node.__setitem__(k, v)
+            if _walkable(child):
+                yield str(k), child, lambda v, k=k: node.__setitem__(k, v)
         return
     for name, child in list(vars(node).items()):
         if name.startswith("_"):
             continue
-        if isinstance(child, (nnx.Module, nnx.List, nnx.Dict)):
+        if isinstance(child, tuple):
+            # Immutable: an item is replaced by setting a new tuple on the module.
+            for i, item in enumerate(child):
+                if _walkable(item):
+                    def setter(v, name=name, i=i):
+                        items = list(getattr(node, name))
+                        items[i] = v
+                        setattr(node, name, tuple(items))
+                    yield f"{name}/{i}", item, setter
+        elif _walkable(child):
             yield name, child, lambda v, name=name: setattr(node, name, v)
 
 
@@ -182,8 +200,12 @@ def quantize_inputs_nnx(
     selected = module_matcher(where)
 
     def replace(path, child):
+        if isinstance(child, QuantizedInput) and selected(path, child.layer):
+            raise ValueError(f"quantize_inputs_nnx: {path} is already a QuantizedInput; its "
+                             "input would be quantized twice (wrap each layer once)")
         if isinstance(child, modules) and selected(path, child):
-            return QuantizedInput(child, spec, method=method, ste=ste, observer=observer)
+            return QuantizedInput(child, spec, method=method, ste=ste, observer=observer,
+                                  path=path)
         return None
 
     if _replace_nnx(model, replace) == 0:
@@ -382,9 +404,6 @@ def serve_nnx(
             f"serve_nnx: qstate must be the quantized params, got a {type(qstate).__name__}; pass "
             "quantize_tree(nnx.state(model, nnx.Param), spec, where=r'.*kernel')")
     kernels = {p: leaf for p, leaf in path_dict(qstate).items() if isinstance(leaf, QArray)}
-    # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
-    # as its dense value, so the served model computes what the quantized tree does.
-    nnx.update(model, materialize(qstate))
 
     def replace(path, child):
         if isinstance(child, QuantizedInput) and isinstance(child.layer, modules):
@@ -412,7 +431,13 @@ def serve_nnx(
                                   act_params=None, strategy=strategy, path=path)
         return None
 
-    if _replace_nnx(model, replace) == 0:
+    served = []  # a dry run first: a call that raises leaves the model as it was
+    _replace_nnx(model, lambda path, child: served.append(path) if replace(path, child) else None)
+    if not served:
         raise ValueError("serve_nnx: qstate has no QArray kernel of a "
                          f"{[m.__name__ for m in modules]} layer; paths: {sorted(kernels)[:20]}")
+    # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
+    # as its dense value, so the served model computes what the quantized tree does.
+    nnx.update(model, materialize(qstate))
+    _replace_nnx(model, replace)
     return model
