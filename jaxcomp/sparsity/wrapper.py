@@ -6,11 +6,12 @@ pruned weights at exactly zero. There is no second call to forget.
 
 On the steps where the scheduled sparsity changes (or SET/RigL update the topology) a
 `lax.switch` recomputes the masks; on the other steps it passes them through, so nothing
-recompiles and no Python code branches on traced values. The inner optimizer's moments of
-pruned and regrown weights are reset to zero, and held there while the weights are pruned, through
-`optax.tree_utils.tree_map_params`, which finds the params-shaped parts of any optax state
-(chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without knowing their classes; a
-state it cannot map (SM3's) has its subtrees with the params' structure and shapes reset.
+recompiles and no Python code branches on traced values. The inner optimizer's state of pruned
+and regrown weights is reset to its initial value (`optimizer.init`'s: zero for Adam's moments)
+before every update, through `optax.tree_utils.tree_map_params`, which finds the params-shaped
+parts of any optax state (chains, `MultiSteps`, `inject_hyperparams`, `masked`, ...) without
+knowing their classes; a state it cannot map (SM3's, a line search's) has its subtrees with the
+params' structure and shapes reset.
 
 Example:
     >>> params = {"Dense_0": {"kernel": jnp.array([[1., -4.], [0.5, 2.]]), "bias": jnp.ones(2)}}
