@@ -99,15 +99,16 @@ def _reset_moments(optimizer: Any, inner_state: Any, fresh: Any, treedef: Any,
     structure and shapes instead.
     """
 
+    def applies(value, kept):
+        return kept is not None and getattr(value, "shape", None) == kept.shape
+
     def reset(value, initial, kept):
-        if kept is None or not hasattr(value, "shape") or value.shape != kept.shape:
+        if not applies(value, kept):
             return value
         return jnp.where(kept, value, jnp.asarray(initial, value.dtype))
 
     def mark(value, kept):
-        if kept is None or not hasattr(value, "shape") or value.shape != kept.shape:
-            return value
-        return _Kept(kept)
+        return _Kept(kept) if applies(value, kept) else value
 
     leaves, state_def = jax.tree.flatten(inner_state)
     try:
@@ -130,8 +131,7 @@ def _reset_moments(optimizer: Any, inner_state: Any, fresh: Any, treedef: Any,
             values = treedef.flatten_up_to(node)
         except (ValueError, TypeError):
             return False
-        return all(kept is None or getattr(value, "shape", None) == kept.shape
-                   for value, kept in zip(values, keep))
+        return all(kept is None or applies(value, kept) for value, kept in zip(values, keep))
 
     def reset_subtree(node, initial):
         if not params_shaped(node):
@@ -327,8 +327,8 @@ def prune(
             for i, k in keep.items():
                 zeroed[i] = jnp.where(k, p_leaves[i], jnp.zeros((), p_leaves[i].dtype))
             fresh = optimizer.init(jax.tree.unflatten(treedef, zeroed))
-            keep_list = [keep.get(i) for i in range(num_leaves)]
-            inner_state = _reset_moments(optimizer, inner_state, fresh, treedef, keep_list)
+            inner_state = _reset_moments(optimizer, inner_state, fresh, treedef,
+                                         [keep.get(i) for i in range(num_leaves)])
             # The inner optimizer sees zero gradients at pruned weights: their moments stay
             # zero, and whole-tensor statistics (a global-norm clip, LAMB's trust ratio) count
             # only the weights that train.

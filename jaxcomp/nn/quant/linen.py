@@ -26,7 +26,7 @@ from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.learned import lsq_fake_quant, lsq_init, pact_fake_quant
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS
 from jaxcomp.quant.numerics import QuantParams
-from jaxcomp.quant.observers import Observer, calibrate
+from jaxcomp.quant.observers import Observer, _label, calibrate
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
 
@@ -269,7 +269,7 @@ def init_input_steps_linen(
             dict(apply_kwargs or {})))(batch)
     if not inputs:
         raise ValueError(f"init_input_steps_linen: where={where!r} selects no layer")
-    return {path: lsq_init(x, spec, path or "<root module>") for path, x in inputs.items()}
+    return {path: lsq_init(x, spec, _label(path)) for path, x in inputs.items()}
 
 
 def _linen_layer(module, x, kernel, bias, *, activations, act_params, strategy, path):
@@ -337,7 +337,7 @@ def serve_linen(
         own = module.variables.get("params", {}) if module.scope is not None else {}
         kernel = own.get("kernel") if hasattr(own, "get") else None
         path = _linen_path(module)
-        leaf = lambda name: f"{path}/{name}" if path else f"{name} (of the root {type(module).__name__})"  # noqa: E731
+        leaf = lambda name: f"{path}/{name}" if path else f"{name} of {_error_name(path, module)}"  # noqa: E731
         if not isinstance(kernel, QArray):
             for name, value in (own.items() if hasattr(own, "items") else ()):
                 if isinstance(value, QArray):
