@@ -189,6 +189,13 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
         if activations is not None:
             x = fake_quant(x, activations, params=act_params, path=path)
         return conv(x, w.materialize().astype(out_dtype), padding=padding).astype(out_dtype)
+    bad = None
+    if act_params is not None:
+        # A NaN has no integer code. The input scale is per tensor, so a NaN cannot go through it
+        # (it would NaN every image): it is coded as zero and its image's outputs are set to NaN.
+        nan = jnp.isnan(x)
+        bad = jnp.any(nan, axis=tuple(a for a in range(x.ndim) if a != dn.lhs_spec[0]))
+        x = jnp.where(nan, jnp.zeros((), x.dtype), x)
     xq, sx, zx = quantize_activations(x, activations, act_params, tuple(range(x.ndim)), path)
     if isinstance(padding, str):
         in_spatial = [x.shape[a] for a in dn.lhs_spec[2:]]
@@ -210,7 +217,10 @@ def _qconv_program(x, w: QArray, act_params, options, activations, strategy, out
         wsum = wq.astype(jnp.int32).sum(axis=reduce)
         acc = acc - zx_i * _along(wsum, dn.out_spec[1], acc.ndim)
     w_scale = _along(w.scale.reshape(-1), dn.out_spec[1], acc.ndim) if w.scale.size > 1 else w.scale.reshape(())
-    return (acc.astype(jnp.float32) * w_scale * sx.reshape(())).astype(out_dtype)
+    out = acc.astype(jnp.float32) * w_scale * sx.reshape(())
+    if bad is not None:
+        out = jnp.where(_along(bad, dn.out_spec[0], out.ndim), jnp.nan, out)
+    return out.astype(out_dtype)
 
 
 def _along(v: jax.Array, axis: int, ndim: int) -> jax.Array:
