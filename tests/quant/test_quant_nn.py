@@ -178,6 +178,24 @@ def test_linen_serving_with_static_ranges_and_other_compressed_leaves():
     chex.assert_trees_all_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_linen_serving_fake_quantizes_the_inputs_of_calibrated_float_layers():
+    """A layer left in float but calibrated keeps its quantized input, as in calibration/QAT
+    and as serve_nnx does (regression: served silently with a float input)."""
+    params = MLP_VARS["params"]
+    qparams = quantize_tree(params, WEIGHTS, where=r"Dense_0/kernel")
+    ranges = calibrate_linen(MLP, {"params": qparams}, [X], ACT)
+    assert set(ranges) == {"Dense_0", "Dense_1"}
+    serve = jax.jit(serve_linen(MLP, act_params=ranges, strategy="int8"))
+    ref = _apply_quantized(MLP, {"params": jaxcomp.materialize(qparams)}, X, ACT, params=ranges)
+    chex.assert_trees_all_close(serve({"params": qparams}, X), ref, atol=1e-5, rtol=1e-5)
+    # Without an entry (or with dynamic ranges) the float layer's input stays float.
+    only_first = {"Dense_0": ranges["Dense_0"]}
+    with fake_quant_inputs(ACT, params=only_first, where="Dense_0"):
+        ref = MLP.apply({"params": jaxcomp.materialize(qparams)}, X)
+    out = jax.jit(serve_linen(MLP, act_params=only_first, strategy="int8"))({"params": qparams}, X)
+    chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_linen_serving_from_learned_steps_and_clips_reproduces_training():
     """lsq_as_static / pact_as_static turn learned steps and clips into static serving ranges
     that give the training-time forward pass (with the quantized weights)."""

@@ -302,7 +302,10 @@ def serve_linen(
 
     Every Dense / DenseGeneral / Conv / Einsum whose kernel is a `QArray` runs on integer
     operands: its input is quantized (dynamic per-tensor ranges, or the calibrated `act_params`)
-    and multiplied by the int8 codes with int32 sums, scales applied after. Other compressed
+    and multiplied by the int8 codes with int32 sums, scales applied after. A selected layer
+    whose kernel stays float but has an entry in `act_params` runs in float on its input
+    fake-quantized with those ranges (what `fake_quant_inputs(params=act_params)` did in
+    calibration or QAT); with dynamic ranges, float layers run unquantized. Other compressed
     leaves (e.g. a `Codebook` embedding) are materialized. Jit the returned function.
 
     Args:
@@ -344,6 +347,16 @@ def serve_linen(
                     raise ValueError(
                         f"serve_linen: {leaf(name)} is a QArray but {type(module).__name__} has no "
                         "integer path; leave it out of quantize_tree(where=...) or materialize it")
+            if (act_params is not None and activations is not None and isinstance(module, supported)
+                    and path in act_params and selected(path, module)):
+                # A float kernel with calibrated input ranges: its input is fake-quantized with
+                # them, as under `fake_quant_inputs(params=...)`, so the served model computes what
+                # the calibrated (or QAT) model did, as serve_nnx's QuantizedInput layers do.
+                x, rebuild = _input_and_rest(args, kwargs)
+                x = fake_quant(x, activations, params=act_params[path],
+                               path=_error_name(path, module))
+                new_args, new_kwargs = rebuild(x)
+                return next_fun(*new_args, **new_kwargs)
             return next_fun(*args, **kwargs)
         if not isinstance(module, supported) or not selected(path, module):
             if not isinstance(module, supported):
