@@ -478,6 +478,38 @@ def test_linen_calibration_of_layers_inside_nn_scan_says_why_it_cannot():
     assert serve_linen(ensemble)({"params": per_member}, x).shape == (3, 2, 4)
 
 
+def test_nnx_serving_walks_past_tuple_settings_and_refuses_kernels_it_cannot_serve():
+    """A Conv with explicit (low, high) padding pairs is served (regression: a TypeError from
+    walking the padding tuple); a QArray kernel of a ConvTranspose raises, as in serve_linen,
+    instead of running on float values."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(1, 4, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+            self.up = nnx.ConvTranspose(4, 2, (2, 2), strides=(2, 2), rngs=nnx.Rngs(1))
+            self.head = nnx.Linear(2, 3, rngs=nnx.Rngs(2))
+
+        def __call__(self, x):
+            return self.head(self.up(self.conv(x)).mean((1, 2)))
+
+    model = Net()
+    every = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
+    with pytest.raises(ValueError, match=r"up/kernel is a QArray but its layer \(ConvTranspose\) "
+                                         "has no integer path"):
+        serve_nnx(model, every)
+    assert isinstance(model.conv, nnx.Conv)  # unchanged by the call that raised
+    with pytest.raises(ValueError, match=r"conv/kernel is a QArray but its layer \(Conv\) is not "
+                                         r"among modules=\['Linear'\]"):
+        serve_nnx(model, every, modules=(nnx.Linear,))
+    ref = nnx.clone(model)
+    conv_only = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r"conv/kernel")
+    serve_nnx(model, conv_only, activations=ACT, strategy="int8")
+    assert isinstance(model.conv, QuantizedLayer)
+    nnx.update(ref, jaxcomp.materialize(conv_only))
+    expected = ref.head(ref.up(ref.conv(fake_quant(X, ACT))).mean((1, 2)))
+    chex.assert_trees_all_close(model(X), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_nnx_layers_in_plain_lists_and_tuples_are_wrapped_and_served():
     """Layers held in `nnx.data([...])` (a plain list) or a tuple are wrapped and served like
     those of an nnx.List (regression: silently left on float weights)."""

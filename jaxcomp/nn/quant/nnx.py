@@ -109,8 +109,21 @@ class QuantizedInput(nnx.Module):
         return self.layer(x, *args, **kwargs)
 
 
+def _holds_module(x: Any) -> bool:
+    if isinstance(x, nnx.Module):
+        return True
+    if isinstance(x, (nnx.List, list, tuple)):
+        return any(_holds_module(item) for item in x)
+    if isinstance(x, (nnx.Dict, dict)):
+        return any(_holds_module(item) for item in x.values())
+    return False
+
+
 def _walkable(x: Any) -> bool:
-    return isinstance(x, (nnx.Module, nnx.List, nnx.Dict, list, tuple, dict))
+    """A module, or a list / dict holding one (not a layer's settings, e.g. a `padding` tuple
+    of pairs). Tuples are walked only as module attributes (see `_nnx_children`)."""
+    return isinstance(x, nnx.Module) or (
+        isinstance(x, (nnx.List, nnx.Dict, list, dict)) and _holds_module(x))
 
 
 def _nnx_children(node: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
@@ -129,7 +142,7 @@ def _nnx_children(node: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]
     for name, child in list(vars(node).items()):
         if name.startswith("_"):
             continue
-        if isinstance(child, tuple):
+        if isinstance(child, tuple) and _holds_module(child):
             # Immutable: an item is replaced by setting a new tuple on the module.
             for i, item in enumerate(child):
                 if _walkable(item):
@@ -389,7 +402,9 @@ def serve_nnx(
       modules: the layer classes served.
 
     Raises:
-      ValueError: if `qstate` holds no `QArray` kernel of a served layer.
+      ValueError: if `qstate` holds no `QArray` kernel of a served layer, or a `QArray` kernel
+        of a layer with no integer path (`nnx.ConvTranspose`) or outside `modules`; the model is
+        then left unchanged.
 
     Example:
         >>> from jaxcomp.quant import QuantSpec, quantize_tree
@@ -431,11 +446,31 @@ def serve_nnx(
                                   act_params=None, strategy=strategy, path=path)
         return None
 
-    served = []  # a dry run first: a call that raises leaves the model as it was
-    _replace_nnx(model, lambda path, child: served.append(path) if replace(path, child) else None)
+    served, seen = [], {}  # a dry run first: a call that raises leaves the model as it was
+
+    def dry_run(path, child):
+        seen[path] = child
+        layer = replace(path, child)
+        if layer is not None:
+            served.append(f"{path}/layer/kernel" if isinstance(child, QuantizedInput)
+                          else f"{path}/kernel")
+        return None
+
+    _replace_nnx(model, dry_run)
     if not served:
         raise ValueError("serve_nnx: qstate has no QArray kernel of a "
                          f"{[m.__name__ for m in modules]} layer; paths: {sorted(kernels)[:20]}")
+    for path in sorted(kernels):
+        layer_path, _, name = path.rpartition("/")
+        if name == "kernel" and path not in served:
+            # A quantized kernel that would silently run on float values (and float inputs).
+            layer = seen.get(layer_path.removesuffix("/layer"))
+            layer = layer.layer if isinstance(layer, QuantizedInput) else layer
+            raise ValueError(
+                f"serve_nnx: {path} is a QArray but its layer ({type(layer).__name__}) "
+                + ("has no integer path" if not isinstance(layer, NNX_MODULES)
+                   else f"is not among modules={[m.__name__ for m in modules]}")
+                + "; leave it out of quantize_tree(where=...) or materialize it")
     # Every other leaf of qstate (biases, a quantized embedding table, ...) goes into the model
     # as its dense value, so the served model computes what the quantized tree does.
     nnx.update(model, materialize(qstate))
