@@ -403,6 +403,11 @@ def _conv(eqn: Any, ins: list[Value], st: State) -> list[Value]:
         st.pin(rhs.labels[d], "window of a convolution")
     groups = p["feature_group_count"]
     feat, rin, rout = lhs.labels[lspec[1]], rhs.labels[rspec[1]], rhs.labels[rspec[0]]
+    if not rhs.data:
+        # The kernel's own output axis produces the channels (marked before a grouped conv's
+        # ties, which return whichever tied id is largest: for a depthwise conv, possibly one
+        # of its input's producer).
+        st.mark(rout, ROLE_OUT)
     if groups == 1:
         _contract(st, lhs, rhs, [(lspec[1], rspec[1])], "conv_general_dilated",
                   eqn.invars[0], eqn.invars[1])
@@ -420,8 +425,6 @@ def _conv(eqn: Any, ins: list[Value], st: State) -> list[Value]:
             st.mark(rin, ROLE_IN)
         elif st.taps is not None and (feat >= 0).any():
             st.taps.append(Tap(eqn.invars[0], lspec[1], feat))
-    if not rhs.data:
-        st.mark(rout, ROLE_OUT)
     labels: list[np.ndarray] = [fixed(n) for n in shape]
     labels[ospec[0]] = lhs.labels[lspec[0]]
     labels[ospec[1]] = rout

@@ -220,6 +220,21 @@ def test_where_protects_groups_by_their_producers():
     assert [g.name for g in groups.protected] == ["c"]
 
 
+def test_where_protects_a_depthwise_conv_whatever_the_leaf_order():
+    """A depthwise conv produces its channels too, so excluding it protects the group, even when
+    its producer's leaf comes later in the tree (regression: only the 1x1 conv before it was
+    taken as the producer, so where= excluding the depthwise conv was ignored)."""
+    p = {"dw": _dense((3, 3, 1, 4)), "pw": _dense((1, 1, 1, 4), 1), "z": _dense((1, 1, 4, 2), 2)}
+    f = lambda p, x: _conv(_conv(_conv(x, p["pw"]), p["dw"], 4), p["z"]).sum((1, 2))  # noqa: E731
+    (group,) = channel_groups(f, p, jnp.ones((1, 5, 5, 1)))
+    roles = {(m.path, m.axis): m.role for m in group.members}
+    assert roles[("dw", 3)] == roles[("pw", 3)] == "out" and roles[("z", 2)] == "in"
+    with pytest.raises(ValueError, match="protects every prunable group"):
+        channel_groups(f, p, jnp.ones((1, 5, 5, 1)), where=lambda path, _: path != "dw")
+    with pytest.raises(ValueError, match="protects every prunable group"):
+        channel_groups(f, p, jnp.ones((1, 5, 5, 1)), where=lambda path, _: path != "pw")
+
+
 def test_where_protecting_every_group_is_an_error():
     """Protecting every layer leaves nothing to prune: a clear error."""
     with pytest.raises(ValueError, match="protects every prunable group"):
