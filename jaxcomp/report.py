@@ -41,6 +41,8 @@ class ReportRow:
       detail: the compressed leaf's one-line `summary()` (empty for plain arrays).
       sparsity: fraction of exact zeros in the dense array (None for abstract arrays).
       flops: FLOPs charged to this leaf by `jaxcomp.count_flops` (None when not given).
+      stored_params: the weights the leaf stores: the factors' elements of a factorized leaf,
+        the kept values of a `Masked` one, else `params` (scales and tables are not weights).
     """
 
     path: str
@@ -53,6 +55,11 @@ class ReportRow:
     detail: str = ""
     sparsity: float | None = None
     flops: int | None = None
+    stored_params: int | None = None
+
+    def __post_init__(self):
+        if self.stored_params is None:
+            object.__setattr__(self, "stored_params", self.params)
 
     @property
     def bits_per_param(self) -> float:
@@ -69,6 +76,11 @@ class ReportTotals:
     dense_nbytes: int
     zeros: int | None = None
     flops: int | None = None
+    stored_params: int | None = None
+
+    def __post_init__(self):
+        if self.stored_params is None:
+            object.__setattr__(self, "stored_params", self.params)
 
     @property
     def sparsity(self) -> float | None:
@@ -105,6 +117,7 @@ class Report:
             dense_nbytes=sum(r.dense_nbytes for r in self.rows),
             zeros=sum(round(r.sparsity * r.params) for r in self.rows) if known else None,
             flops=self.flops_total,
+            stored_params=sum(r.stored_params for r in self.rows),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,37 +140,35 @@ class Report:
 
     def __str__(self) -> str:
         show_flops = self.flops_total is not None
-        header = ["path", "kind", "shape", "dtype", "params", "bytes", "bits/param", "zeros"]
-        header += ["FLOPs"] if show_flops else []
-        header += ["detail"]
+        # A "stored" column (weights stored) when some leaf stores fewer than its dense count.
+        show_stored = any(r.stored_params != r.params for r in self.rows)
 
         def pct(x: float | None) -> str:
             return "-" if x is None else f"{100 * x:.1f}%"
 
+        def numbers(params, stored, nbytes, bits, sparsity, flops):
+            cells = [f"{params:,}"] + ([f"{stored:,}"] if show_stored else [])
+            cells += [_human_bytes(nbytes), f"{bits:.2f}", pct(sparsity)]
+            return cells + ([f"{flops:,}" if flops else "-"] if show_flops else [])
+
+        header = ["path", "kind", "shape", "dtype", "params", *(["stored"] if show_stored else []),
+                  "bytes", "bits/param", "zeros", *(["FLOPs"] if show_flops else []), "detail"]
         lines = []
         for r in self.rows:
-            line = [
-                r.path,
-                r.kind,
-                "x".join(map(str, r.shape)) or "scalar",
-                r.dtype,
-                f"{r.params:,}",
-                _human_bytes(r.nbytes),
-                f"{r.bits_per_param:.2f}",
-                pct(r.sparsity),
-            ]
-            line += [f"{r.flops:,}" if r.flops else "-"] if show_flops else []
+            line = [r.path, r.kind, "x".join(map(str, r.shape)) or "scalar", r.dtype]
+            line += numbers(r.params, r.stored_params, r.nbytes, r.bits_per_param, r.sparsity,
+                            r.flops)
             lines.append((*line, r.detail))
         t = self.totals
-        total = ["total", "", "", "", f"{t.params:,}", _human_bytes(t.nbytes),
-                 f"{t.bits_per_param:.2f}", pct(t.sparsity)]
-        total += [f"{t.flops:,}"] if show_flops else []
+        total = ["total", "", "", ""]
+        total += numbers(t.params, t.stored_params, t.nbytes, t.bits_per_param, t.sparsity,
+                         t.flops)
         total.append(
             f"{t.compression_ratio:.2f}x smaller than dense ({_human_bytes(t.dense_nbytes)})"
         )
         rows = [tuple(header), tuple(total), *lines]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        numeric = {4, 5, 6, 7, 8} if show_flops else {4, 5, 6, 7}
+        numeric = set(range(4, len(header) - 1))
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
@@ -190,6 +201,11 @@ def _zeros_fraction(leaf: Any) -> float | None:
     return float((array == 0).mean()) if array.size else 0.0
 
 
+def _stored_params(leaf: Any) -> int:
+    stored = getattr(leaf, "num_params", None)
+    return int(stored) if isinstance(stored, (int, np.integer)) else math.prod(leaf.shape)
+
+
 def _row(path: str, leaf: Any, flops: int | None) -> ReportRow:
     sparsity = _zeros_fraction(leaf)
     if is_compressed(leaf):
@@ -205,6 +221,7 @@ def _row(path: str, leaf: Any, flops: int | None) -> ReportRow:
             detail=leaf.summary(),
             sparsity=sparsity,
             flops=flops,
+            stored_params=_stored_params(leaf),
         )
     shape = tuple(np.shape(leaf))
     dtype = leaf_dtype(leaf)

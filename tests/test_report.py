@@ -43,6 +43,30 @@ def test_table_shows_every_path_and_the_totals():
     assert "smaller than dense" in text
 
 
+def test_stored_params_count_factors_and_kept_values():
+    """A factorized leaf stores its factors and a Masked one its kept values: the `stored`
+    column and total say so (regression: only the dense count was shown, so a decomposed model
+    seemed to keep every parameter)."""
+    from jaxcomp.decompose import FixedRank, decompose_tree
+    from jaxcomp.sparsity import Masked
+
+    params = {"a": jax.random.normal(jax.random.key(0), (16, 8)), "b": jnp.zeros(8)}
+    tree = decompose_tree(params, FixedRank(2), where="a")
+    tree["m"] = Masked(jnp.ones((4, 4)), jnp.eye(4, dtype=bool))
+    r = report(tree)
+    rows = {row.path: row for row in r.rows}
+    assert (rows["a"].params, rows["a"].stored_params) == (128, 16 * 2 + 2 * 8)
+    assert (rows["m"].params, rows["m"].stored_params) == (16, 4)
+    assert (rows["b"].params, rows["b"].stored_params) == (8, 8)
+    assert r.totals.stored_params == 48 + 4 + 8 and r.totals.params == 152
+    header, *_, total = str(r).splitlines()
+    assert header.split()[4:6] == ["params", "stored"] and total.split()[1:3] == ["152", "60"]
+    assert json.loads(r.to_json())["totals"]["stored_params"] == 60
+    # Masked under eval_shape: every value counts; a plain tree shows no stored column.
+    assert report(jax.eval_shape(lambda: tree["m"])).rows[0].stored_params == 16
+    assert "stored" not in str(report(params))
+
+
 def test_abstract_arrays_and_where():
     abstract = jax.eval_shape(lambda: {"k": jnp.zeros((10, 10)), "b": jnp.zeros(10)})
     r = report(abstract, where=r"k")

@@ -191,6 +191,12 @@ class Masked(CompressedLeaf):
             return None
 
     @property
+    def num_params(self) -> int:
+        """The kept values (every value for an abstract mask), the weights an export stores."""
+        kept = self._kept()
+        return math.prod(self.shape) if kept is None else kept
+
+    @property
     def nbytes(self) -> int:
         size = math.prod(self.shape)
         kept = self._kept()
