@@ -200,10 +200,15 @@ def tucker2_conv(
     x, batch_shape = _flatten_batch(x)
     spec = kernel.spec
     pads = spec.resolve(x.shape[1:3], (kh, kw))
+    strides = spec.strides
+    if kernel.subsamples_first(x.shape[1:3]):
+        # A strided 1x1 conv reads only every stride-th position: subsample before the first
+        # 1x1 stage instead of projecting positions the core skips.
+        x, strides = x[:, :: strides[0], :: strides[1], :], (1, 1)
     t = x if u_in is None else _matmul(x, u_in, precision)
     t, pads = _spatial_pad(t, spec, pads)
     t = lax.conv_general_dilated(
-        t, core, spec.strides, pads, rhs_dilation=spec.dilation, dimension_numbers=_NHWC,
+        t, core, strides, pads, rhs_dilation=spec.dilation, dimension_numbers=_NHWC,
         precision=precision,
     )
     y = t if u_out is None else _matmul(t, u_out, precision)

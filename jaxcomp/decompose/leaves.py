@@ -351,6 +351,14 @@ class Tucker2Kernel(Factorized):
     def rank(self) -> tuple[int, ...]:
         return tuple(self.core.shape[2:])
 
+    def subsamples_first(self, input_hw: Sequence[int]) -> bool:
+        """Whether the layer is a strided 1x1 convolution without padding: its input is then
+        subsampled before the first 1x1 stage, which runs on the output positions only."""
+        kh, kw = self.shape[:2]
+        pads = self.spec.resolve(tuple(input_hw), (kh, kw))
+        return ((kh, kw) == (1, 1) and self.spec.strides != (1, 1)
+                and all(p == (0, 0) for p in pads))
+
     def flops(self, input_shape: Sequence[int]) -> int:
         n = math.prod(input_shape[:-3])
         in_hw = tuple(input_shape[-3:-1])
@@ -358,6 +366,8 @@ class Tucker2Kernel(Factorized):
         r_in, r_out = self.rank
         out_hw = self.spec.output_hw(in_hw, (kh, kw))
         positions_in, positions_out = n * math.prod(in_hw), n * math.prod(out_hw)
+        if self.subsamples_first(in_hw):
+            positions_in = positions_out
         total = 2 * positions_out * kh * kw * r_in * r_out
         if self.u_in is not None:
             total += 2 * positions_in * cin * r_in

@@ -100,12 +100,16 @@ def _leaf(method: str, model, ranks, kernel, spec: ConvSpec, n_iter_max: int | N
     return CPKernel(**_place_factors(factors, kernel), spec=spec)
 
 
-def _positions_ratio(rule: Any, path: str, kernel: Any, spec: ConvSpec) -> tuple[float, ...]:
+def _positions_ratio(rule: Any, path: str, kernel: Any, spec: ConvSpec,
+                     model: Any = None) -> tuple[float, ...]:
     """Input positions per output position along each spatial axis of a convolution: what the
     first 1x1 factor of Tucker-2 or CP pays for (it runs on every input position)."""
     if getattr(kernel, "ndim", 0) != 4 or not isinstance(rule, FlopBudget):
         return spec.strides
     kernel_hw = tuple(kernel.shape[:2])
+    if isinstance(model, Tucker2Model) and kernel_hw == (1, 1) and (
+            isinstance(spec.padding, str) or all(p == (0, 0) for p in spec.padding)):
+        return (1.0, 1.0)  # a strided 1x1 is subsampled first (`Tucker2Kernel.subsamples_first`)
     positions = rule.conv_positions.get(path)
     if positions is not None:
         # Over all the calls: Tucker-2's first 1x1 pays for the input positions, the rest for
@@ -231,7 +235,7 @@ def decompose_tree(
     models = {path: _model(kind, hosts[path], path, tt_order) for path, (kind, _) in targets.items()}
     specs = {path: _spec_for(conv_specs, path) for path in targets}
     if isinstance(rule, (ParamBudget, FlopBudget)):
-        strides = {path: _positions_ratio(rule, path, targets[path][1], specs[path])
+        strides = {path: _positions_ratio(rule, path, targets[path][1], specs[path], models[path])
                    for path in targets}
         allocated = allocate_ranks(models, rule, strides)
         chosen_ranks = {p: clip_ranks(models[p], r, p) for p, r in allocated.items() if r is not None}

@@ -156,6 +156,27 @@ def test_flops_by_hand_match_count_flops(spec):
     assert tucker.dense_flops(conv_flops_input()) == cp.dense_flops(conv_flops_input()) == dense
 
 
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", ((1, 0), (0, 1))])
+def test_a_strided_pointwise_tucker2_conv_subsamples_before_its_first_stage(padding):
+    """A strided 1x1 conv reads every stride-th position only: its first 1x1 stage runs on the
+    output positions (regression: on every input position, so factorizing a stride-2
+    projection shortcut could cost more than the dense conv). Padded 1x1s keep the full run."""
+    kernel = jax.random.normal(jax.random.key(5), (1, 1, 12, 10))
+    leaf = decompose_tucker2(kernel, (3, 2), spec=ConvSpec(strides=2, padding=padding))
+    for hw in ((8, 8), (7, 9)):
+        x = jax.random.normal(jax.random.key(6), (2, *hw, 12))
+        pads = "VALID" if padding == "CIRCULAR" else leaf.spec.resolve(hw, (1, 1))
+        ref = jax.lax.conv_general_dilated(x, leaf.materialize(), (2, 2), pads,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = tucker2_conv(x, leaf)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+        n, ho, wo = 2, *out.shape[1:3]
+        counted = jaxcomp.count_flops(lambda p, x: tucker2_conv(x, p), leaf, x).total
+        positions_in = n * ho * wo if padding != ((1, 0), (0, 1)) else n * hw[0] * hw[1]
+        assert leaf.subsamples_first(hw) == (padding != ((1, 0), (0, 1)))
+        assert counted == leaf.flops(x.shape) == 2 * (positions_in * 12 * 3 + n * ho * wo * (3 * 2 + 2 * 10))
+
+
 def test_dense_flops_by_hand_match_count_flops():
     """SVD: 2 b r (in + out); TT: the sum over cores of its contraction, as count_flops sees it."""
     x = jax.ShapeDtypeStruct((5, 12), jnp.float32)
