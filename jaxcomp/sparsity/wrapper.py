@@ -340,8 +340,10 @@ def prune(
         out = treedef.flatten_up_to(inner_updates)
         for i, k in keep.items():
             # Pruned and regrown weights both end at exactly zero (p + (-p) == 0 exactly);
-            # kept weights get the inner update untouched.
-            out[i] = jnp.where(k, out[i].astype(p_leaves[i].dtype), -p_leaves[i])
+            # kept weights get the inner update untouched, in its own precision (at least the
+            # param's): a float32 update of a bfloat16 weight is rounded once, by apply_updates,
+            # as without the wrapper.
+            out[i] = jnp.where(k, out[i], -p_leaves[i])
         new_state = PruneState(
             count=count + 1,
             masks=jax.tree.unflatten(treedef, new_masks),
