@@ -256,7 +256,13 @@ def resolve(params: Any, pruner: Pruner) -> tuple[list[_Group], Any, int]:
         members.setdefault(index, []).append(i)
     for r, rule in enumerate(pruner.rules):
         if r not in members:
-            raise ValueError(f"rule {r} (where={rule.where!r}) matches none of the pruned leaves")
+            pruned = [paths[i] for i in range(len(paths)) if chosen[i]]
+            earlier = [paths[i] for i in range(len(paths)) if chosen[i] and rule_flags[r][i]]
+            reason = (f"the pruned leaves it matches ({', '.join(earlier[:10])}) are all taken by "
+                      "an earlier rule" if earlier else
+                      f"the pruned leaves (those Pruner.where selects) are {pruned[:20]}")
+            raise ValueError(f"rule {r} (where={rule.where!r}) matches none of the pruned leaves: "
+                             f"{reason}")
     groups = []
     pruned_paths = {paths[i] for positions in members.values() for i in positions}
     for index in sorted(members):

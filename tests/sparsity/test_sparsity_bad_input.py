@@ -63,6 +63,14 @@ def test_numpy_ints_are_ints():
         (lambda: sp.iterative_sparsity([0], [0.5])(None), "takes an integer step, got None"),
         (lambda: sp.polynomial_sparsity(0.5, begin_step=0, end_step=4)(jnp.float32(2.0)),
          "integer steps, got an array of dtype float32"),
+        # A rule that matches no pruned leaf names the candidates, or the rule that took them.
+        (lambda: sp.compute_masks({"a": K, "b": K}, sp.Pruner(sparsity=0.5, where=".*kernel", rules=[
+            sp.Rule(where="c/kernel", sparsity=0.2)])),
+         r"rule 0 \(where='c/kernel'\) matches none of the pruned leaves: the pruned leaves "
+         r"\(those Pruner.where selects\) are \['a/kernel', 'b/kernel'\]"),
+        (lambda: sp.compute_masks({"a": K}, sp.Pruner(sparsity=0.5, where=".*kernel", rules=[
+            sp.Rule(where=".*", sparsity=0.2), sp.Rule(where="a/kernel", sparsity=0.1)])),
+         r"rule 1 .* the pruned leaves it matches \(a/kernel\) are all taken by an earlier rule"),
     ],
 )
 def test_bad_input_is_a_value_error(call, message):
