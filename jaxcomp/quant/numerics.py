@@ -191,6 +191,15 @@ def check_params(params: QuantParams, lay: Layout, path: str,
       ValueError: naming `path` and the offending shape or value.
     """
     params = as_quant_params(params, path)
+    if spec is not None and not spec.is_fp8 and (params.zero_point is None) != spec.symmetric:
+        # Ranges calibrated for another spec: an asymmetric grid read without its zero point
+        # starts at 0 and clips every negative value; a symmetric one has no zero point.
+        raise ValueError(
+            f"{path}: static params {'without' if params.zero_point is None else 'with'} a zero "
+            f"point do not fit {spec.describe()}, which "
+            f"{'needs one' if params.zero_point is None else 'has none'}; calibrate with the spec "
+            "you quantize with" + (" (or give the zero point explicitly, 0 for a grid starting "
+                                   "at zero)" if params.zero_point is None else ""))
     for name, value in (("scale", params.scale), ("zero_point", params.zero_point)):
         if value is None:
             continue

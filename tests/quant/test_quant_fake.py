@@ -76,6 +76,21 @@ def test_params_of_the_wrong_shape_and_unknown_ste_are_rejected():
         fake_quant(jnp.ones(3), QuantSpec(), params=QuantParams(jnp.float32(0.0)))
 
 
+def test_static_params_calibrated_for_the_other_kind_of_grid_are_rejected():
+    """Params without a zero point on an asymmetric spec (ranges from a symmetric calibration)
+    would clip every negative value silently; a zero point on a symmetric spec has no place."""
+    x = jnp.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    uint8 = QuantSpec(bits=8, signed=False, symmetric=False)
+    with pytest.raises(ValueError, match="h/in: static params without a zero point do not fit "
+                                         "uint8 asym per-tensor, which needs one"):
+        fake_quant(x, uint8, params=QuantParams(jnp.float32(1 / 127)), path="h/in")
+    with pytest.raises(ValueError, match="with a zero point do not fit int8 sym"):
+        fake_quant(x, QuantSpec(), params=QuantParams(jnp.float32(0.01), jnp.float32(0.0)))
+    # An explicit zero point of 0 is a grid starting at zero, as asked.
+    out = fake_quant(x, uint8, params=QuantParams(jnp.float32(1 / 127), jnp.float32(0.0)))
+    assert float(out[0]) == 0.0 and float(out[-1]) == 1.0
+
+
 def test_a_concrete_non_finite_input_with_dynamic_ranges_is_rejected():
     """A range taken from Inf would turn every value into NaN: eager calls raise instead."""
     with pytest.raises(ValueError, match=r"k: 1 NaN/Inf value\(s\), e.g. inf at index \(1,\)"):
