@@ -291,7 +291,19 @@ def decompose_nnx(
 def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     module = context.module
     scope = module.scope
-    if context.method_name != "__call__" or scope is None:
+    if scope is None:
+        return next_fun(*args, **kwargs)
+    own = scope.variables().get("params", {})
+    for name, value in (own.items() if hasattr(own, "items") else ()):
+        if name != "kernel" and is_compressed(value):
+            # Flax would reject its shape (in `setup`, for an Embed) with an error that names
+            # neither jaxcomp nor a fix.
+            raise ValueError(
+                f"{_join(*scope.path, name)}: intercept_factorized runs factorized kernels of "
+                f"nn.Dense and nn.Conv layers only; this {type(module).__name__} param is a "
+                f"{value.kind}: leave it out of decompose_tree(where=...) or run the tree with "
+                "jaxcomp.materialize")
+    if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     kernel = scope.get_variable("params", "kernel")
     if not isinstance(kernel, Factorized):

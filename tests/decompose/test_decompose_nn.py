@@ -198,6 +198,28 @@ def test_linen_interceptor_with_other_compressed_kernels_asks_to_densify_them():
                                 linen_dense(jaxcomp.materialize(variables), X), atol=1e-5)
 
 
+def test_linen_interceptor_names_a_factorized_param_that_is_not_a_kernel():
+    """A factorized embedding table (decompose_tree accepts any 2-D leaf) is named with the fix,
+    not left to Flax's shape error."""
+    from jaxcomp.decompose import FixedRank, decompose_tree
+
+    class Tagger(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return nn.Dense(3, name="head")(nn.Embed(32, 16, name="embed")(tokens))
+
+    model, tokens = Tagger(), jnp.arange(6).reshape(2, 3)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    factored = decompose_tree(params, FixedRank(4), where="embed/embedding")
+    with pytest.raises(ValueError, match="embed/embedding: intercept_factorized runs factorized "
+                                         "kernels of nn.Dense and nn.Conv layers only; this Embed "
+                                         "param is a SVD"):
+        with intercept_factorized():
+            model.apply({"params": factored}, tokens)
+    out = model.apply({"params": jaxcomp.materialize(factored)}, tokens)
+    assert out.shape == (2, 3, 3)
+
+
 def test_linen_interceptor_uses_the_modules_own_spec():
     """The interceptor takes stride/padding/dilation from the Linen module, not the leaf."""
     tree = jaxcomp.decompose.decompose_tree(LINEN_VARS["params"], 2, where=r"stage1_block0/Conv_0/kernel")
