@@ -268,7 +268,9 @@ class _Solver:
                 detail += [f"{_describe(k, self.records)} to stay {value}"
                            for k in sorted(stays, key=str)]
                 problems.append(f"field {_entry_name(entry)} sets widths that must now differ: "
-                                + ", ".join(detail))
+                                + ", ".join(detail) + " (give each width its own constructor "
+                                "field, or keep one group at its width: ratio={<its group's "
+                                "name>: 0.0, '.*': ...} or select_channels without it)")
                 named |= changed
                 continue
             assign[entry] = targets.pop()
