@@ -284,7 +284,12 @@ class Channel(Granularity):
     def check(self, path: str, shape: tuple[int, ...]) -> None:
         if not shape:
             raise ValueError(f"{path}: channel pruning needs an array, got a scalar leaf")
-        _normalize_axis(path, self.axis, len(shape), "Channel")
+        axis = _normalize_axis(path, self.axis, len(shape), "Channel")
+        if shape[axis] == 1:
+            warnings.warn(
+                f"{path}: Channel(axis={self.axis}) slices along an axis of length 1 (shape "
+                f"{shape}): the leaf is one unit, pruned whole or not at all. A depthwise conv "
+                "kernel (H, W, 1, C) holds its channels on axis -1", stacklevel=2)
 
     def num_units(self, shape: tuple[int, ...]) -> int:
         return shape[self.axis % len(shape)]

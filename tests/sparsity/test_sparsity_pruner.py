@@ -307,6 +307,18 @@ def test_a_rule_sparsity_under_an_inherited_nm_granularity_is_checked():
     sp.Pruner(sparsity=0.9, rules=[sp.Rule(where="d0", granularity=sp.NM(2, 4))])
 
 
+def test_channels_along_an_axis_of_length_one_warn_naming_the_leaf():
+    """Channel(axis=-2) on a depthwise kernel (H, W, 1, C) has one unit: nothing (or all) is
+    pruned, so a warning names the leaf (regression: 0% pruned silently)."""
+    params = {"dw": {"kernel": jnp.arange(1.0, 37.0).reshape(3, 3, 1, 4)}}
+    with pytest.warns(UserWarning, match=r"dw/kernel: Channel\(axis=-2\) slices along an axis of "
+                                         "length 1"):
+        pruned, _ = sp.prune_now(params, sp.Pruner(sparsity=0.5, granularity=sp.Channel(axis=-2)))
+    assert float(sp.sparsity_of(pruned).total) == 0.0
+    pruned, _ = sp.prune_now(params, sp.Pruner(sparsity=0.5, granularity=sp.Channel(axis=-1)))
+    assert float(sp.sparsity_of(pruned).total) == 0.5
+
+
 def test_an_nm_axis_shorter_than_m_warns_naming_the_leaf():
     """NM along an axis shorter than M (the heads axis of a DenseGeneral kernel) prunes little or
     nothing: a warning names the leaf and the axis; an explicit axis prunes 2:4 as asked."""
