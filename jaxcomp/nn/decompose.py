@@ -42,6 +42,7 @@ __all__ = [
     "FactorizedConv",
     "FactorizedKernel",
     "FactorizedLinear",
+    "UnsupportedLayerError",
     "conv_specs_linen",
     "decompose_linen",
     "decompose_nnx",
@@ -168,26 +169,31 @@ class FactorizedConv(_FactorizedLayer):
         self.kernel_size = (kh, kw)
 
 
-class _Unsupported(ValueError):
-    """A layer the factor sequence cannot run (grouped, masked, input-dilated, not 2-D): the
-    default selection leaves it dense, an explicit one names it."""
+class UnsupportedLayerError(ValueError):
+    """A `ValueError` for a layer the factor sequence cannot run (grouped, masked,
+    input-dilated, not 2-D): the default selection leaves it dense, an explicit one names it.
+
+    Example:
+        >>> issubclass(UnsupportedLayerError, ValueError)
+        True
+    """
 
 
 def _conv_spec(module: Any, path: str) -> ConvSpec:
     """The ConvSpec of a Flax (Linen or NNX) Conv, or ValueError for what the sequence cannot run."""
     kernel_size = tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
     if len(kernel_size) != 2:
-        raise _Unsupported(f"{path}: only 2-D convolutions are decomposed, got kernel_size {kernel_size}")
+        raise UnsupportedLayerError(f"{path}: only 2-D convolutions are decomposed, got kernel_size {kernel_size}")
     if module.feature_group_count != 1:
-        raise _Unsupported(
+        raise UnsupportedLayerError(
             f"{path}: grouped convolution (feature_group_count={module.feature_group_count}) "
             "cannot be decomposed"
         )
     dilation = module.input_dilation
     if dilation not in (None, 1) and tuple(dilation) != (1, 1):
-        raise _Unsupported(f"{path}: input_dilation={dilation} is not supported")
+        raise UnsupportedLayerError(f"{path}: input_dilation={dilation} is not supported")
     if module.mask is not None:
-        raise _Unsupported(f"{path}: masked convolutions are not supported")
+        raise UnsupportedLayerError(f"{path}: masked convolutions are not supported")
     try:
         return ConvSpec(strides=module.strides, padding=module.padding, dilation=module.kernel_dilation)
     except ValueError as e:
@@ -255,7 +261,7 @@ def decompose_nnx(
         if isinstance(module, nnx.Conv):
             try:
                 specs[kernel_path] = _conv_spec(module, kernel_path)
-            except _Unsupported as error:
+            except UnsupportedLayerError as error:
                 if default:  # the default selection leaves what the factors cannot run dense
                     skipped.append(error)
                     continue
@@ -374,7 +380,7 @@ def _linen_kernels(model: nn.Module, variables: Any, args: tuple, kwargs: dict
                 if isinstance(module, nn.Conv) and getattr(kernel, "ndim", 0) == 4:
                     try:
                         specs[path] = _conv_spec(module, path)
-                    except _Unsupported as error:  # raised if selected (see decompose_linen)
+                    except UnsupportedLayerError as error:  # raised if selected (see decompose_linen)
                         unsupported[path] = error
                         return next_fun(*call_args, **call_kwargs)
                 runnable.add(path)
