@@ -14,6 +14,7 @@ elementwise pass; the backward pass is the gradient itself (plain) or one fused 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -36,7 +37,7 @@ from jaxcomp.quant.numerics import (
     to_grouped,
     values_from_codes,
 )
-from jaxcomp.quant.spec import QuantSpec
+from jaxcomp.quant.spec import QuantSpec, specs_by_path
 from jaxcomp.tree import Where, map_selected
 
 __all__ = ["fake_quant", "fake_quant_tree"]
@@ -162,7 +163,7 @@ def _fake_quant_program(x, params, key, spec, lay, ste, barrier):
 
 def fake_quant_tree(
     params: Any,
-    spec: QuantSpec,
+    spec: QuantSpec | Mapping[Where, QuantSpec] | Sequence[tuple[Where, QuantSpec]],
     *,
     where: Where = None,
     key: jax.Array | None = None,
@@ -176,7 +177,9 @@ def fake_quant_tree(
 
     Args:
       params: a parameter tree (Linen params, NNX `State`, nested containers).
-      spec: the quantization spec for every selected leaf.
+      spec: the quantization spec for every selected leaf; or rules, `{where: QuantSpec}` or
+        `(where, QuantSpec)` pairs, first match wins (leaves no rule matches are left), as in
+        `quantize_tree`.
       where: the selection (regex on "/"-joined paths, predicate, bool tree, None for all).
       key: PRNG key for stochastic rounding; each leaf gets `fold_in(key, index)`.
       ste: "clipped" or "plain", as in `fake_quant`.
@@ -185,8 +188,9 @@ def fake_quant_tree(
       A tree with the structure of `params`.
 
     Raises:
-      ValueError: if `where` selects nothing, or naming the path of a selected leaf that
-        `fake_quant` rejects (non-float, axes out of range, indivisible groups...).
+      ValueError: if `where` selects nothing, if a spec rule quantizes nothing, or naming the
+        path of a selected leaf that `fake_quant` rejects (non-float, axes out of range,
+        indivisible groups...).
 
     Example:
         >>> params = {"Dense_0": {"kernel": jnp.array([[0.3, -1.0]]), "bias": jnp.array([0.3, 0.1])}}
@@ -196,11 +200,13 @@ def fake_quant_tree(
     counter = iter(range(1 << 30))
     if key is not None:
         check_key(key, "fake_quant_tree: key")
+    where, specs = specs_by_path(params, spec, where, "fake_quant_tree")
 
     def one(path, leaf):
         index = next(counter)
         leaf = leaf.materialize() if is_compressed(leaf) else leaf
         leaf_key = None if key is None else jax.random.fold_in(key, index)
-        return _fake_quant_checked(leaf, spec, None, leaf_key, ste, path, barrier=False)
+        return _fake_quant_checked(leaf, specs.get(path, spec), None, leaf_key, ste, path,
+                                   barrier=False)
 
     return map_selected(one, params, where=where, with_path=True)

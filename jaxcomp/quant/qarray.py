@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +34,7 @@ from jaxcomp.quant.numerics import (
     quantize_codes,
     rounding_noise,
 )
-from jaxcomp.quant.spec import QuantSpec
+from jaxcomp.quant.spec import QuantSpec, specs_by_path
 from jaxcomp.tree import Where, map_selected, selected_paths
 
 __all__ = ["QArray", "dequantize", "pack_bits", "quantize", "quantize_tree", "unpack_bits"]
@@ -267,7 +267,7 @@ def dequantize(q: QArray) -> jax.Array:
 
 def quantize_tree(
     params: Any,
-    spec: QuantSpec,
+    spec: QuantSpec | Mapping[Where, QuantSpec] | Sequence[tuple[Where, QuantSpec]],
     *,
     where: Where = None,
     key: jax.Array | None = None,
@@ -283,7 +283,9 @@ def quantize_tree(
 
     Args:
       params: a parameter tree (Linen params, NNX `State`, nested containers).
-      spec: the quantization spec.
+      spec: the quantization spec; or rules, `{where: QuantSpec}` or `(where, QuantSpec)`
+        pairs, first match wins, for layers that need different specs (a transformer's q/k/v
+        kernels per `(1, 2)` channel, the rest per `(-1,)`); leaves no rule matches are left.
       where: the selection (regex on "/"-joined paths, predicate, bool tree, None for all).
       key: PRNG key for stochastic rounding (each leaf gets `fold_in(key, index)`).
       scales: static `{path: QuantParams}` for some selected leaves, e.g. the learned weight
@@ -294,9 +296,10 @@ def quantize_tree(
       A tree with the structure of `params` and `QArray` leaves where selected.
 
     Raises:
-      ValueError: if `where` selects nothing, if `scales` names a path that `where` does not
-        select, or naming the path of a selected leaf that is not float, holds NaN/Inf, does not
-        fit the spec's axes and groups, or whose static scales do not fit it.
+      ValueError: if `where` selects nothing, if a spec rule quantizes nothing, if `scales`
+        names a path that is not quantized, or naming the path of a selected leaf that is not
+        float, holds NaN/Inf, does not fit the spec's axes and groups, or whose static scales
+        do not fit it.
 
     Example:
         >>> params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -307,6 +310,7 @@ def quantize_tree(
     counter = iter(range(1 << 30))
     if key is not None:
         check_key(key, "quantize_tree: key")
+    where, specs = specs_by_path(params, spec, where, "quantize_tree")
     if scales is not None and not isinstance(scales, Mapping):
         raise ValueError(f"quantize_tree: scales must map paths to QuantParams, got {scales!r}")
     scales = dict(scales or {})
@@ -322,6 +326,7 @@ def quantize_tree(
         if is_compressed(leaf):
             leaf = leaf.materialize()
         leaf_key = None if key is None else jax.random.fold_in(key, index)
-        return quantize(leaf, spec, params=scales.get(path), key=leaf_key, path=path)
+        return quantize(leaf, specs.get(path, spec), params=scales.get(path), key=leaf_key,
+                        path=path)
 
     return map_selected(one, params, where=where, with_path=True)

@@ -21,11 +21,13 @@ of any `channel_axes`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcomp.tree import select, selected_paths
 
 __all__ = ["QuantSpec"]
 
@@ -190,3 +192,43 @@ class QuantSpec:
         if group is not None and group in channels:
             raise ValueError(f"{path}: group_axis={self.group_axis} is also a channel axis")
         return channels, group
+
+
+def specs_by_path(tree: Any, spec: Any, where: Any, caller: str) -> tuple[Any, dict[str, QuantSpec]]:
+    """The selection and the spec of each selected leaf, for a `spec` that is one `QuantSpec`
+    or rules: a mapping `{where: QuantSpec}` or a sequence of `(where, QuantSpec)` pairs, first
+    match wins (a transformer's q/k/v kernels per (heads, head_dim) channel, the rest per
+    output column, in one call).
+
+    With rules, the leaves quantized are those `where` selects (default: all) that a rule
+    matches. A rule that matches none of them, a value that is not a `QuantSpec`, or nothing
+    selected at all is a `ValueError`.
+    """
+    if isinstance(spec, QuantSpec):
+        return where, {}
+    if isinstance(spec, Mapping):
+        rules = list(spec.items())
+    elif isinstance(spec, (list, tuple)) and all(
+            isinstance(r, (list, tuple)) and len(r) == 2 for r in spec):
+        rules = [tuple(r) for r in spec]
+    else:
+        raise ValueError(f"{caller}: spec must be a QuantSpec, a {{where: QuantSpec}} mapping or "
+                         f"(where, QuantSpec) pairs, got {spec!r}")
+    if not rules:
+        raise ValueError(f"{caller}: spec has no rule")
+    for rule_where, rule_spec in rules:
+        if not isinstance(rule_spec, QuantSpec):
+            raise ValueError(f"{caller}: the rule for where={rule_where!r} must give a QuantSpec, "
+                             f"got {rule_spec!r}")
+    chosen = set(selected_paths(tree, where))
+    specs: dict[str, QuantSpec] = {}
+    for rule_where, rule_spec in rules:
+        matched = [p for p in selected_paths(tree, rule_where, allow_empty=True) if p in chosen]
+        fresh = [p for p in matched if p not in specs]
+        if not fresh:
+            reason = ("every leaf it matches is taken by an earlier rule" if matched else
+                      f"it matches no selected leaf; selected: {sorted(chosen)[:10]}")
+            raise ValueError(f"{caller}: the spec rule where={rule_where!r} quantizes nothing: "
+                             f"{reason}")
+        specs.update((p, rule_spec) for p in fresh)
+    return select(tree, lambda path, _leaf: path in specs), specs

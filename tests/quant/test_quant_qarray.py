@@ -133,3 +133,37 @@ def test_quantize_checks_static_params_and_takes_empty_arrays():
     q = quantize(jnp.zeros((0, 4)), spec)
     assert q.materialize().shape == (0, 4)
     np.testing.assert_array_equal(q.scale, np.ones((1, 4)))
+
+
+def test_spec_rules_give_each_layer_its_spec_first_match_wins():
+    """quantize_tree and fake_quant_tree take {where: spec} or (where, spec) pairs: a
+    transformer's q/k/v kernels per (heads, head_dim) channel, the rest per column, in one call;
+    leaves no rule matches are left; a rule that quantizes nothing is an error."""
+    from jaxcomp.quant import fake_quant, fake_quant_tree
+
+    key = jax.random.key(0)
+    params = {"attn": {"query": {"kernel": jax.random.normal(key, (16, 2, 8))},
+                       "out": {"kernel": jax.random.normal(key, (2, 8, 16))}},
+              "mlp": {"kernel": jax.random.normal(key, (16, 32)), "bias": jnp.ones(32)}}
+    qkv, rest = QuantSpec(channel_axes=(1, 2)), QuantSpec(bits=4, channel_axes=(-1,))
+    for rules in ({r"attn/query/kernel": qkv, r".*kernel": rest},
+                  [(r"attn/query/kernel", qkv), (lambda path, _: path.endswith("kernel"), rest)]):
+        q = quantize_tree(params, rules)
+        assert q["attn"]["query"]["kernel"].spec == qkv and q["mlp"]["kernel"].spec == rest
+        assert q["attn"]["out"]["kernel"].spec == rest and q["mlp"]["bias"] is params["mlp"]["bias"]
+        fq = jax.jit(lambda p, rules=rules: fake_quant_tree(p, rules))(params)
+        chex.assert_trees_all_close(fq["attn"]["query"]["kernel"],
+                                    fake_quant(params["attn"]["query"]["kernel"], qkv))
+        chex.assert_trees_all_close(fq["mlp"]["kernel"], fake_quant(params["mlp"]["kernel"], rest))
+    # where= still narrows the selection.
+    q = quantize_tree(params, {r".*kernel": rest}, where=r"mlp/.*")
+    assert isinstance(q["mlp"]["kernel"], QArray) and not isinstance(q["attn"]["out"]["kernel"], QArray)
+    with pytest.raises(ValueError, match=r"rule where='nothing' quantizes nothing: it matches no "
+                                         r"selected leaf; selected: \['attn/out/kernel'"):
+        quantize_tree(params, {"nothing": rest}, where=r".*kernel")
+    with pytest.raises(ValueError, match="every leaf it matches is taken by an earlier rule"):
+        fake_quant_tree(params, {r".*kernel": rest, r"mlp/kernel": qkv})
+    with pytest.raises(ValueError, match="must give a QuantSpec, got 8"):
+        quantize_tree(params, {r".*": 8})
+    with pytest.raises(ValueError, match="spec must be a QuantSpec"):
+        quantize_tree(params, None)
