@@ -8,7 +8,8 @@ partitions like any sum. Candidates come from interpolating the empirical CDF be
 bracket's ends; when the bracket stops shrinking, its ends close onto the nearest scores (one
 max-reduction) and bisection in the bits of the float takes over. A smooth score distribution
 needs about ten passes, tied or discrete scores (already pruned zeros, quantized weights) about
-as many, and any input at most about 64.
+as many, and any input at most about 64. On a single device, leaves of one shape are stacked
+and searched as one array (`_Blocks`): each pass is one reduction per shape, not per leaf.
 
 The count is `min(ceil(max(t - x, 0)), 1)` summed in float32: exactly 1 for x < t, 0 otherwise,
 and 2-10x faster on CPU than summing a comparison (XLA vectorizes the arithmetic, not the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,35 +102,6 @@ def below(x: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.ceil(jnp.maximum(t - x, 0.0)), 1.0)
 
 
-def count_below(x: jax.Array, t: jax.Array) -> jax.Array:
-    """Number of elements of `x` strictly below `t`, as an exact int32."""
-    return _exact_sum(below(x, t))
-
-
-def count_true(mask: jax.Array) -> jax.Array:
-    """Number of True elements of `mask`, as an exact int32."""
-    return _exact_sum(jnp.where(mask, 1.0, 0.0))
-
-
-def _exact_sum(ones: jax.Array) -> jax.Array:
-    """Exact int32 sum of an array of float32 zeros and ones.
-
-    Summed in float32, which XLA fuses with the expression producing `ones` (an integer sum
-    materializes the converted array first); partial sums stay below 2**24, where float32 counts
-    exactly.
-    """
-    if ones.size < _EXACT_F32:
-        return jnp.sum(ones).astype(jnp.int32)
-    inner, axis = 1, ones.ndim
-    while axis > 0 and inner * ones.shape[axis - 1] < _EXACT_F32:
-        axis -= 1
-        inner *= ones.shape[axis]
-    if axis == ones.ndim:  # one axis alone holds 2**24 elements: count in integers
-        return jnp.sum(ones.astype(jnp.int32))
-    partial = jnp.sum(ones, axis=tuple(range(axis, ones.ndim))).astype(jnp.int32)
-    return jnp.sum(partial)
-
-
 def flat_index(shape: tuple[int, ...]) -> jax.Array:
     """Row-major position of every element, built from iotas so it shards like the leaf."""
     index = jnp.zeros(shape, jnp.int32)
@@ -181,82 +154,184 @@ class UnitWeights:
 Weight = int | UnitWeights
 
 
-def _total(s: jax.Array, w: Weight) -> int:
-    return int(w.array.sum()) if isinstance(w, UnitWeights) else s.size * w
-
-
 def _largest(w: Weight) -> int:
     return int(w.array.max(initial=1)) if isinstance(w, UnitWeights) else w
-
-
-def _weighted_count(marked: jax.Array, w: Weight) -> jax.Array:
-    """Total weight of the marked elements, as an exact int32."""
-    if isinstance(w, UnitWeights):
-        return jnp.sum(jnp.where(marked, jnp.asarray(w.array), 0))
-    return count_true(marked) * w
 
 
 def _one_per_group(groups: Sequence[int], num_groups: int) -> bool:
     return tuple(groups) == tuple(range(num_groups))
 
 
-# With one leaf per group (the common case) the per-group values are the per-leaf ones: a
-# stack, not a product with a one-hot constant or a scatter. Every constant and every reducer
-# computation is a buffer that XLA's CPU runtime sets up on each call of the program, even
-# where the search sits in a branch that does not run.
-def _group_sum(per_leaf: list[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
-    if _one_per_group(groups, num_groups):
-        return jnp.stack(per_leaf)
-    onehot = np.zeros((len(per_leaf), num_groups), per_leaf[0].dtype)
-    onehot[np.arange(len(per_leaf)), np.asarray(groups)] = 1
-    return jnp.stack(per_leaf) @ jnp.asarray(onehot)
+class _Blocks:
+    """The leaves of a search, stacked: leaves of one shape and one whole-number weight share a
+    block `(n, *shape)`, and each pass of the search is one reduction per block, not per leaf
+    (a transformer's layers compile and run as a handful of arrays). Stacking copies no more
+    than the sanitized scores already are; it happens on a single device only, where no leaf
+    can be sharded (stacking leaves sharded differently would reshard them).
+
+    Per-leaf vectors stay in leaf order; `per_block` and `to_leaves` move them between leaf
+    order and the blocks' rows.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], weights: Sequence[Weight]):
+        self.members: list[list[int]] = []
+        if jax.device_count() == 1:
+            index: dict[tuple, int] = {}
+            for i, (shape, w) in enumerate(zip(shapes, weights)):
+                key = None if isinstance(w, UnitWeights) else (tuple(shape), w)
+                if key is not None and key in index:
+                    self.members[index[key]].append(i)
+                else:
+                    if key is not None:
+                        index[key] = len(self.members)
+                    self.members.append([i])
+        else:
+            self.members = [[i] for i in range(len(shapes))]
+        self.order = np.array([i for m in self.members for i in m], np.int64)
+        self.identity = bool(np.array_equal(self.order, np.arange(len(shapes))))
+        self.inverse = np.argsort(self.order)
+        self.starts = np.cumsum([0] + [len(m) for m in self.members])[:-1]
+        self.weights = [weights[m[0]] for m in self.members]
+        self.sizes = [math.prod(shapes[m[0]]) for m in self.members]
+
+    def stack(self, leaves: Sequence[jax.Array]) -> list[jax.Array]:
+        return [leaves[m[0]][None] if len(m) == 1 else jnp.stack([leaves[i] for i in m])
+                for m in self.members]
+
+    def per_block(self, per_leaf: jax.Array) -> list[jax.Array]:
+        """A per-leaf vector (leaf order) as one `(n,)` vector per block."""
+        in_order = per_leaf if self.identity else per_leaf[self.order]
+        return [in_order[s:s + len(m)] for s, m in zip(self.starts, self.members)]
+
+    def to_leaves(self, per_block: Sequence[jax.Array]) -> jax.Array:
+        """One `(n,)` vector per block as a per-leaf vector in leaf order."""
+        flat = per_block[0] if len(per_block) == 1 else jnp.concatenate(per_block)
+        return flat if self.identity else flat[self.inverse]
+
+    def unstack(self, blocks: Sequence[jax.Array]) -> list[jax.Array]:
+        out: list[Any] = [None] * len(self.order)
+        for block, members in zip(blocks, self.members):
+            for row, i in enumerate(members):
+                out[i] = block[row]
+        return out
 
 
-def _group_max(per_leaf: list[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
+def _rows(v: jax.Array, ndim: int) -> jax.Array:
+    """A per-row vector `(n,)` broadcast against a block of rank `ndim`."""
+    return v.reshape(v.shape + (1,) * (ndim - 1))
+
+
+def _row_axes(block: jax.Array) -> tuple[int, ...]:
+    return tuple(range(1, block.ndim))
+
+
+def _exact_row_sums(ones: jax.Array) -> jax.Array:
+    """Exact int32 sum of each row of a block of float32 zeros and ones.
+
+    Summed in float32, which XLA fuses with the expression producing `ones` (an integer sum
+    materializes the converted array first); partial sums stay below 2**24, where float32 counts
+    exactly.
+    """
+    if math.prod(ones.shape[1:]) < _EXACT_F32:
+        return jnp.sum(ones, axis=_row_axes(ones)).astype(jnp.int32)
+    inner, axis = 1, ones.ndim
+    while axis > 1 and inner * ones.shape[axis - 1] < _EXACT_F32:
+        axis -= 1
+        inner *= ones.shape[axis]
+    if axis == ones.ndim:  # one axis alone holds 2**24 elements: count in integers
+        return jnp.sum(ones.astype(jnp.int32), axis=_row_axes(ones))
+    partial = jnp.sum(ones, axis=tuple(range(axis, ones.ndim))).astype(jnp.int32)
+    return jnp.sum(partial, axis=tuple(range(1, axis)))
+
+
+def _row_weighted_counts_of_ones(ones: jax.Array, w: int) -> jax.Array:
+    """`_row_weighted_counts` of `ones > 0`, summing the float ones (fused with what makes
+    them: the count of scores below a threshold)."""
+    counts = _exact_row_sums(ones)
+    return counts if w == 1 else counts * w
+
+
+def _row_weighted_counts(marked: jax.Array, w: Weight) -> jax.Array:
+    """Total weight of the marked elements of each row of a block, as exact int32s."""
+    if isinstance(w, UnitWeights):
+        return jnp.sum(jnp.where(marked, jnp.asarray(w.array)[None], 0), axis=_row_axes(marked))
+    counts = _exact_row_sums(jnp.where(marked, 1.0, 0.0))
+    return counts if w == 1 else counts * w
+
+
+# With one leaf per group (the common case) the per-group values are the per-leaf ones, not a
+# product with a one-hot constant or a scatter. Every constant and every reducer computation is
+# a buffer that XLA's CPU runtime sets up on each call of the program, even where the search
+# sits in a branch that does not run.
+def _group_sum(per_leaf: jax.Array, groups: Sequence[int], num_groups: int) -> jax.Array:
     if _one_per_group(groups, num_groups):
-        return jnp.stack(per_leaf).astype(jnp.float32)
+        return per_leaf
+    onehot = np.zeros((len(groups), num_groups), np.int32)
+    onehot[np.arange(len(groups)), np.asarray(groups)] = 1
+    return per_leaf @ jnp.asarray(onehot)
+
+
+def _group_max(per_leaf: jax.Array, groups: Sequence[int], num_groups: int) -> jax.Array:
+    if _one_per_group(groups, num_groups):
+        return per_leaf.astype(jnp.float32)
     out = jnp.full((num_groups,), -jnp.inf, jnp.float32)
-    return out.at[np.asarray(groups)].max(jnp.stack(per_leaf))
+    return out.at[np.asarray(groups)].max(per_leaf)
 
 
-def _sample(x: jax.Array, size: int) -> jax.Array:
-    """About `size` elements of `x` on a regular grid (strided slices shard like `x`)."""
-    step = x.size / max(size, 1)
-    strides = [1] * x.ndim
-    for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
+def _sample_strides(shape: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """Strides of a regular grid of about `size` elements of an array of `shape`."""
+    step = math.prod(shape) / max(size, 1)
+    strides = [1] * len(shape)
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if step <= 1:
             break
-        strides[axis] = max(1, min(x.shape[axis], int(step)))
+        strides[axis] = max(1, min(shape[axis], int(step)))
         step /= strides[axis]
-    return x[tuple(slice(None, None, s) for s in strides)].reshape(-1)
+    return tuple(strides)
 
 
 def _sample_bracket(
-    scores: list[jax.Array],
+    blocks: list[jax.Array],
+    layout: _Blocks,
     groups: Sequence[int],
     weights: Sequence[Weight],
     k: jax.Array,
     totals: np.ndarray,
+    leaf_totals: Sequence[int],
 ) -> tuple[jax.Array, jax.Array]:
     """Per group, two thresholds that likely bracket the k-th score: quantiles of a small
     regular sample at k/total -+ 3 standard errors (NaN where the quantile falls outside).
 
     Sample ranks come from all pairwise comparisons, not a sort: XLA's CPU sort is slower than
-    a few hundred thousand vectorized comparisons.
+    a few hundred thousand vectorized comparisons. Strided slices shard like the leaves.
     """
     num_groups = len(totals)
     per_group = int(np.clip(_SAMPLE // num_groups, _MIN_SAMPLE, _SAMPLE))
     samples: list[list[jax.Array]] = [[] for _ in range(num_groups)]
     masses: list[list[np.ndarray]] = [[] for _ in range(num_groups)]
-    for s, g, w in zip(scores, groups, weights):
-        sample = _sample(s, max(1, round(per_group * _total(s, w) / totals[g])))
+    wanted = [max(1, round(per_group * leaf_totals[i] / totals[g])) for i, g in enumerate(groups)]
+    leaf_samples: list[Any] = [None] * len(groups)
+    for block, members in zip(blocks, layout.members):
+        # One strided slice per block; rows whose sample size differs are sliced on their own.
+        strides = {_sample_strides(block.shape[1:], wanted[i]) for i in members}
+        if len(strides) == 1:
+            grid = block[(slice(None),) + tuple(slice(None, None, t) for t in strides.pop())]
+            grid = grid.reshape(block.shape[0], -1)
+            for row, i in enumerate(members):
+                leaf_samples[i] = grid[row]
+        else:
+            for row, i in enumerate(members):
+                t = _sample_strides(block.shape[1:], wanted[i])
+                leaf_samples[i] = block[row][tuple(slice(None, None, s) for s in t)].reshape(-1)
+    for i, (sample, g) in enumerate(zip(leaf_samples, groups)):
         samples[g].append(sample)
-        masses[g].append(np.full(sample.shape[0], _total(s, w) / sample.shape[0], np.float32))
+        masses[g].append(np.full(sample.shape[0], leaf_totals[i] / sample.shape[0], np.float32))
     width = max(sum(x.shape[0] for x in group) for group in samples)
     values, mass = [], np.zeros((num_groups, width), np.float32)
     for g in range(num_groups):
-        row = jnp.concatenate(samples[g])
-        values.append(jnp.pad(row, (0, width - row.shape[0]), constant_values=_FMAX))
+        row = samples[g][0] if len(samples[g]) == 1 else jnp.concatenate(samples[g])
+        values.append(row if row.shape[0] == width else
+                      jnp.pad(row, (0, width - row.shape[0]), constant_values=_FMAX))
         mass[g, : row.shape[0]] = np.concatenate(masses[g])
     values = jnp.stack(values)
     order = np.arange(width)
@@ -279,7 +354,8 @@ def _sample_bracket(
 
 
 def _search(
-    scores: list[jax.Array],
+    blocks: list[jax.Array],
+    layout: _Blocks,
     groups: Sequence[int],
     weights: Sequence[Weight],
     k: jax.Array,
@@ -292,34 +368,42 @@ def _search(
     """
     num_groups = k.shape[0]
     groups_arr = np.asarray(groups)
+    leaf_totals = [0] * len(groups)
+    for block, members, w in zip(blocks, layout.members, layout.weights):
+        for i in members:
+            leaf_totals[i] = (int(w.array.sum()) if isinstance(w, UnitWeights)
+                              else math.prod(block.shape[1:]) * w)
     totals = np.zeros(num_groups, np.int64)
     unit = np.ones(num_groups, np.int32)
-    for s, g, w in zip(scores, groups, weights):
-        totals[g] += _total(s, w)
+    for i, (g, w) in enumerate(zip(groups, weights)):
+        totals[g] += leaf_totals[i]
         unit[g] = max(unit[g], _largest(w))
     if totals.max() >= 2**31:
         raise ValueError(f"a group of pruned leaves holds {int(totals.max())} elements; at most "
                          "2**31 - 1 are supported")
     target = k.astype(jnp.float32) + 0.5
 
-    def counts(keys: jax.Array, scores: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def counts(keys: jax.Array, blocks: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Per group and per leaf."""
-        thresholds = from_key(keys)[groups_arr]
-        per_leaf = [count_below(s, thresholds[i]) if w == 1
-                    else _weighted_count(below(s, thresholds[i]) > 0, w)
-                    for i, (s, w) in enumerate(zip(scores, weights))]
-        return _group_sum(per_leaf, groups, num_groups), jnp.stack(per_leaf)
+        thresholds = layout.per_block(from_key(keys)[groups_arr])
+        per_leaf = layout.to_leaves([
+            _row_weighted_counts(below(b, _rows(t, b.ndim)) > 0, w) if isinstance(w, UnitWeights)
+            else _row_weighted_counts_of_ones(below(b, _rows(t, b.ndim)), w)
+            for b, t, w in zip(blocks, thresholds, layout.weights)])
+        return _group_sum(per_leaf, groups, num_groups), per_leaf
 
-    def nearest(keys: jax.Array, upward: jax.Array, scores: list[jax.Array]) -> jax.Array:
+    def nearest(keys: jax.Array, upward: jax.Array, blocks: list[jax.Array]) -> jax.Array:
         """Largest score below the threshold (or, where `upward`, the smallest at or above)."""
-        thresholds = from_key(keys)[groups_arr]
-        up = upward[groups_arr]
-        per_leaf = []
-        for i, s in enumerate(scores):
+        thresholds = layout.per_block(from_key(keys)[groups_arr])
+        ups = layout.per_block(upward[groups_arr])
+        per_block = []
+        for b, t, up in zip(blocks, thresholds, ups):
+            up = _rows(up, b.ndim)
             # One expression feeding the max, so it fuses into the reduction (no temporary).
-            take = (below(s, thresholds[i]) > 0) != up[i]
-            per_leaf.append(jnp.max(jnp.where(take, jnp.where(up[i], -s, s), -_FMAX)))
-        best = _group_max(per_leaf, groups, num_groups)
+            take = (below(b, _rows(t, b.ndim)) > 0) != up
+            per_block.append(jnp.max(jnp.where(take, jnp.where(up, -b, b), -_FMAX),
+                                     axis=_row_axes(b)))
+        best = _group_max(layout.to_leaves(per_block), groups, num_groups)
         return jnp.where(upward, -best, best)
 
     lo = jnp.full((num_groups,), to_key(jnp.float32(-_FMAX)))
@@ -328,7 +412,7 @@ def _search(
     c_hi = jnp.asarray(totals, jnp.int32)
     unit = jnp.asarray(unit)
     # The first two steps try quantiles of a small sample: most times a tight bracket.
-    sample_lo, sample_hi = _sample_bracket(scores, groups, weights, k, totals)
+    sample_lo, sample_hi = _sample_bracket(blocks, layout, groups, weights, k, totals, leaf_totals)
     queue = jnp.stack([to_key(sample_lo), to_key(sample_hi)], axis=1)
     queued = jnp.stack([~jnp.isnan(sample_lo), ~jnp.isnan(sample_hi)], axis=1)
 
@@ -400,67 +484,73 @@ def _search(
         jnp.int32(0), lo, hi, c_lo, c_hi,
         c_lo.astype(jnp.float32) - target, c_hi.astype(jnp.float32) - target,
         zeros_i, lo, jnp.zeros((num_groups,), bool), hi - lo, zeros_i,
-        jnp.zeros((len(scores),), jnp.int32),
-        jnp.asarray([_total(s, w) for s, w in zip(scores, weights)], jnp.int32),
-        scores,
+        jnp.zeros((len(groups),), jnp.int32),
+        jnp.asarray(leaf_totals, jnp.int32),
+        blocks,
     )
     # The scores ride in the loop state and come back out (the barrier keeps XLA from seeing
     # through): passed as loop constants and read again afterwards, they would be copied.
-    _, lo, hi, c_lo, c_hi, *_, leaf_lo, leaf_hi, scores = lax.while_loop(cond, body, state)
-    return lo, hi, c_lo, c_hi, leaf_hi - leaf_lo, scores
+    _, lo, hi, c_lo, c_hi, *_, leaf_lo, leaf_hi, blocks = lax.while_loop(cond, body, state)
+    return lo, hi, c_lo, c_hi, leaf_hi - leaf_lo, blocks
 
 
 def _tie_cutoffs(
-    scores: list[jax.Array],
+    blocks: list[jax.Array],
+    layout: _Blocks,
     groups: Sequence[int],
-    weights: Sequence[Weight],
     tie_value: jax.Array,
     need: jax.Array,
     tie_counts: jax.Array,
 ) -> list[jax.Array]:
-    """Per leaf, the index j such that the ties (score == tie_value of its group) at positions
-    below j are the first ties of the group in (leaf, position) order whose weight is nearest
-    `need` (exactly `need` ties when unweighted). `tie_counts` holds each leaf's (weighted)
-    number of ties, which the search counted on its way."""
+    """Per leaf (one `(n,)` vector per block), the index j such that the ties (score ==
+    tie_value of its group) at positions below j are the first ties of the group in (leaf,
+    position) order whose weight is nearest `need` (exactly `need` ties when unweighted).
+    `tie_counts` holds each leaf's (weighted) number of ties, which the search counted on its
+    way."""
     groups_arr = np.asarray(groups)
-    ties = [s == tie_value[g] for s, g in zip(scores, groups)]
-    tie_counts = [tie_counts[i] for i in range(len(scores))]
     # Ties left for each leaf after the earlier leaves of its group took theirs.
     before = []
     running: dict[int, jax.Array] = {}
-    for g, c in zip(groups, tie_counts):
+    for i, g in enumerate(groups):
         before.append(running.get(g, jnp.int32(0)))
-        running[g] = before[-1] + c
-    wanted = [jnp.clip(need[g] - b, 0, c) for g, b, c in zip(groups_arr, before, tie_counts)]
-
-    def cutoff(tie: jax.Array, w: Weight, want: jax.Array, count: jax.Array) -> jax.Array:
+        running[g] = before[-1] + tie_counts[i]
+    wanted = jnp.clip(need[groups_arr] - jnp.stack(before), 0, tie_counts)
+    values = layout.per_block(tie_value[groups_arr])
+    out = []
+    for block, w, value, want, count in zip(blocks, layout.weights, values,
+                                            layout.per_block(wanted), layout.per_block(tie_counts)):
+        size = math.prod(block.shape[1:])
+        tie = block == _rows(value, block.ndim)
         # A leaf takes none or all of its ties, except at most one per group, which takes its
-        # first `want`: only that leaf pays for the search on positions (by counting, so it
-        # shards like the leaf; a running sum would gather it).
-        def split(tie):
-            index = flat_index(tie.shape)
+        # first `want`: only blocks holding such a leaf pay for the search on positions (by
+        # counting, so it shards like the leaf; a running sum would gather it).
+        splits = (want > 0) & (want < count)
+        all_or_none = jnp.where(want > 0, jnp.int32(size), jnp.int32(0))
+
+        def split(tie, w=w, want=want, size=size):
+            index = flat_index(tie.shape[1:])[None]
 
             def body(_, bounds):
                 lo, hi = bounds
                 mid = (lo + hi) // 2
-                enough = _weighted_count(tie & (index < mid), w) >= want
+                enough = _row_weighted_counts(tie & (index < _rows(mid, tie.ndim)), w) >= want
                 return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
 
-            steps = int(math.ceil(math.log2(tie.size + 1))) + 1
-            end = lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(tie.size)))[1]
+            steps = int(math.ceil(math.log2(size + 1))) + 1
+            rows = tie.shape[0]
+            end = lax.fori_loop(0, steps, body, (jnp.zeros((rows,), jnp.int32),
+                                                 jnp.full((rows,), size, jnp.int32)))[1]
             if not isinstance(w, UnitWeights) and w == 1:
                 return end
             # The tie at end - 1 crosses `want`: leave it out when that lands nearer.
-            over = _weighted_count(tie & (index < end), w)
-            last = _weighted_count(index == end - 1, w)
+            over = _row_weighted_counts(tie & (index < _rows(end, tie.ndim)), w)
+            last = _row_weighted_counts(
+                jnp.broadcast_to(index == _rows(end - 1, tie.ndim), tie.shape), w)
             return jnp.where(over - want < want - (over - last), end, end - 1)
 
-        def all_or_none(tie):
-            return jnp.where(want > 0, jnp.int32(tie.size), jnp.int32(0))
-
-        return lax.cond((want > 0) & (want < count), split, all_or_none, tie)
-
-    return [cutoff(t, w, want, c) for t, w, want, c in zip(ties, weights, wanted, tie_counts)]
+        cut = lax.cond(any_of(splits), split, lambda tie: all_or_none, tie)
+        out.append(jnp.where(splits, cut, all_or_none))
+    return out
 
 
 def lowest_k(
@@ -505,20 +595,24 @@ def _as_weight(weights: jax.typing.ArrayLike, scores: jax.Array) -> Weight:
 def _lowest_k(
     scores: list[jax.Array], k: jax.Array, groups: tuple[int, ...], weights: tuple[Weight, ...]
 ) -> list[jax.Array]:
-    scores = [sanitize(s) for s in scores]
-    lo_key, hi_key, c_lo, c_hi, between, scores = _search(scores, groups, weights, k)
+    layout = _Blocks([tuple(s.shape) for s in scores], weights)
+    blocks = layout.stack([sanitize(s) for s in scores])
+    lo_key, hi_key, c_lo, c_hi, between, blocks = _search(blocks, layout, groups, weights, k)
+    groups_arr = np.asarray(groups)
     at_hi = c_hi == k
     threshold = jnp.where(at_hi, from_key(hi_key), from_key(lo_key))
-    marked = [below(s, threshold[g]) > 0 for s, g in zip(scores, groups)]
+    thresholds = layout.per_block(threshold[groups_arr])
+    marked = [below(b, _rows(t, b.ndim)) > 0 for b, t in zip(blocks, thresholds)]
     # Groups whose k-th and (k+1)-th scores are equal: first ties by position.
     need = jnp.where(at_hi | (c_lo == k), 0, k - c_lo)
     tie_value = from_key(lo_key)
 
     def split_ties(marked):
-        cutoffs = _tie_cutoffs(scores, groups, weights, tie_value, need, between)
+        cutoffs = _tie_cutoffs(blocks, layout, groups, tie_value, need, between)
+        values = layout.per_block(tie_value[groups_arr])
         return [
-            m | ((s == tie_value[g]) & (flat_index(s.shape) < j))
-            for m, s, g, j in zip(marked, scores, groups, cutoffs)
+            m | ((b == _rows(v, b.ndim)) & (flat_index(b.shape[1:])[None] < _rows(j, b.ndim)))
+            for m, b, v, j in zip(marked, blocks, values, cutoffs)
         ]
 
-    return lax.cond(any_of(need > 0), split_ties, lambda m: m, marked)
+    return layout.unstack(lax.cond(any_of(need > 0), split_ties, lambda m: m, marked))

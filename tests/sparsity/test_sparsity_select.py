@@ -286,3 +286,26 @@ def test_the_unit_a_leaf_keeps_is_its_first_among_scores_that_tie_with_zero():
     got = sp.global_threshold_masks({"a": jnp.array([0., 1e-31]), "b": jnp.array([5., 6.])}, 0.5)
     assert np.asarray(got["a"]).tolist() == [True, False]
     assert np.asarray(got["b"]).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_leaves_of_one_shape_searched_as_one_block_match_the_reference(seed):
+    """Leaves of equal shape and weight are stacked into one block on a single device: groups
+    that mix blocks, interleaved leaf order, per-element weights, ties across leaves and NaN
+    give the same marks as sorting, in (leaf, position) order."""
+    rng = np.random.default_rng(100 + seed)
+    shapes = [(3, 4), (5,), (3, 4), (3, 4), (5,), (2, 2, 2), (3, 4)]
+    xs = [rng.integers(0, 3, size=s).astype(np.float32) if seed % 2 else
+          rng.normal(size=s).astype(np.float32) for s in shapes]
+    xs[2].ravel()[3] = np.nan
+    for groups, weights in (([0, 1, 2, 3, 4, 5, 6], [1] * 7),
+                            ([0, 0, 1, 0, 1, 1, 0], [1, 2, 1, 1, 2, rng.integers(1, 4, (2, 2, 2)), 1]),
+                            ([0] * 7, [2, 1, 2, 2, 1, 1, 3])):
+        totals = [sum(np.broadcast_to(np.asarray(w), x.shape).sum()
+                      for x, w, g in zip(xs, weights, groups) if g == group)
+                  for group in range(max(groups) + 1)]
+        for ks in ([int(rng.integers(0, t + 1)) for t in totals], [t // 2 for t in totals]):
+            got = lowest_k([jnp.asarray(x) for x in xs], jnp.asarray(ks), groups=groups,
+                           weights=weights)
+            for a, b in zip(got, _reference_lowest_k(xs, ks, groups, weights)):
+                np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"{groups} ks={ks}")
