@@ -304,11 +304,14 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         if name != "kernel" and is_compressed(value):
             # Flax would reject its shape (in `setup`, for an Embed) with an error that names
             # neither jaxcomp nor a fix.
+            fix = ("leave it out of decompose_tree(where=...) or run the tree with "
+                   "jaxcomp.materialize" if isinstance(value, Factorized) else
+                   "densify the other compressed leaves first with "
+                   "jaxcomp.materialize(params, keep=Factorized)")
             raise ValueError(
                 f"{_join(*scope.path, name)}: intercept_factorized runs factorized kernels of "
                 f"nn.Dense and nn.Conv layers only; this {type(module).__name__} param is a "
-                f"{value.kind}: leave it out of decompose_tree(where=...) or run the tree with "
-                "jaxcomp.materialize")
+                f"{value.kind}: {fix}")
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     kernel = scope.get_variable("params", "kernel")

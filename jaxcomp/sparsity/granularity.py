@@ -285,7 +285,9 @@ class Channel(Granularity):
         if not shape:
             raise ValueError(f"{path}: channel pruning needs an array, got a scalar leaf")
         axis = _normalize_axis(path, self.axis, len(shape), "Channel")
-        if shape[axis] == 1:
+        if shape[axis] == 1 and len(shape) >= 3 and axis == len(shape) - 2:
+            # A depthwise conv kernel (H, W, 1, C): its input axis is one unit. (A Dense head
+            # with one output is one unit too, and expected to be.)
             warnings.warn(
                 f"{path}: Channel(axis={self.axis}) slices along an axis of length 1 (shape "
                 f"{shape}): the leaf is one unit, pruned whole or not at all. A depthwise conv "

@@ -340,9 +340,9 @@ def prune(
         out = treedef.flatten_up_to(inner_updates)
         for i, k in keep.items():
             # Pruned and regrown weights both end at exactly zero (p + (-p) == 0 exactly);
-            # kept weights get the inner update untouched, in its own precision (at least the
-            # param's): a float32 update of a bfloat16 weight is rounded once, by apply_updates,
-            # as without the wrapper.
+            # kept weights get the inner update untouched, in its dtype promoted with the
+            # param's: a float32 update of a bfloat16 weight is rounded once, by apply_updates,
+            # as without the wrapper (which casts the sum back to the param's dtype).
             out[i] = jnp.where(k, out[i], -p_leaves[i])
         new_state = PruneState(
             count=count + 1,

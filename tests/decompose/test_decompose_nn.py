@@ -218,6 +218,13 @@ def test_linen_interceptor_names_a_factorized_param_that_is_not_a_kernel():
             model.apply({"params": factored}, tokens)
     out = model.apply({"params": jaxcomp.materialize(factored)}, tokens)
     assert out.shape == (2, 3, 3)
+    from jaxcomp.quant import QuantSpec, quantize_tree
+
+    quantized = quantize_tree(params, QuantSpec(), where="embed/embedding")
+    with pytest.raises(ValueError, match=r"this Embed param is a QArray: densify the other "
+                                         r"compressed leaves first with jaxcomp.materialize"):
+        with intercept_factorized():
+            model.apply({"params": quantized}, tokens)
 
 
 def test_linen_interceptor_uses_the_modules_own_spec():

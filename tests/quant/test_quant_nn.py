@@ -511,33 +511,36 @@ def test_nnx_serving_walks_past_tuple_settings_and_refuses_kernels_it_cannot_ser
 
 
 def test_nnx_layers_in_plain_lists_and_tuples_are_wrapped_and_served():
-    """Layers held in `nnx.data([...])` (a plain list) or a tuple are wrapped and served like
-    those of an nnx.List (regression: silently left on float weights)."""
+    """Layers held in `nnx.data([...])` (a plain list) or a tuple, also a tuple inside a list,
+    are wrapped and served like those of an nnx.List (regression: silently left on float
+    weights)."""
 
     class Net(nnx.Module):
         def __init__(self):
-            self.layers = nnx.data([nnx.Linear(8, 8, rngs=nnx.Rngs(i)) for i in range(2)])
+            self.layers = nnx.data([nnx.Linear(8, 8, rngs=nnx.Rngs(i)) for i in range(2)]
+                                   + [(nnx.Linear(8, 8, rngs=nnx.Rngs(4)),)])
             self.pair = nnx.data((nnx.Linear(8, 8, rngs=nnx.Rngs(2)),))
             self.out = nnx.Linear(8, 3, rngs=nnx.Rngs(3))
 
         def __call__(self, x):
-            for layer in [*self.layers, *self.pair]:
+            for layer in [*self.layers[:2], *self.layers[2], *self.pair]:
                 x = nnx.relu(layer(x))
             return self.out(x)
 
     x = jax.random.normal(jax.random.key(0), (4, 8))
     model, ref = Net(), Net()
     quantize_inputs_nnx(model, ACT)
-    assert all(isinstance(m, QuantizedInput) for m in [*model.layers, *model.pair, model.out])
+    every = lambda m: [*m.layers[:2], *m.layers[2], *m.pair, m.out]  # noqa: E731
+    assert all(isinstance(m, QuantizedInput) for m in every(model))
     with pytest.raises(ValueError, match="layers/0 is already a QuantizedInput"):
         quantize_inputs_nnx(model, ACT)
     qstate = quantize_tree(nnx.state(model, nnx.Param), WEIGHTS, where=r".*kernel")
     serve_nnx(model, qstate, strategy="int8")
-    assert all(isinstance(m, QuantizedLayer) for m in [*model.layers, *model.pair, model.out])
+    assert all(isinstance(m, QuantizedLayer) for m in every(model))
     nnx.update(ref, jaxcomp.materialize(quantize_tree(nnx.state(ref, nnx.Param), WEIGHTS,
                                                       where=r".*kernel")))
     h = x  # the reference fake-quantizes each layer's input by hand
-    for layer in [*ref.layers, *ref.pair]:
+    for layer in every(ref)[:-1]:
         h = nnx.relu(layer(fake_quant(h, ACT)))
     chex.assert_trees_all_close(model(x), ref.out(fake_quant(h, ACT)), atol=1e-5, rtol=1e-5)
 

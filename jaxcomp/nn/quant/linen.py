@@ -351,7 +351,8 @@ def serve_linen(
                     and path in act_params and selected(path, module)):
                 # A float kernel with calibrated input ranges: its input is fake-quantized with
                 # them, as under `fake_quant_inputs(params=...)`, so the served model computes what
-                # the calibrated (or QAT) model did, as serve_nnx's QuantizedInput layers do.
+                # the calibrated (or QAT) model did, as serve_nnx's static QuantizedInput
+                # layers do.
                 x, rebuild = _input_and_rest(args, kwargs)
                 x = fake_quant(x, activations, params=act_params[path],
                                path=_error_name(path, module))

@@ -120,15 +120,27 @@ def _holds_module(x: Any) -> bool:
 
 
 def _walkable(x: Any) -> bool:
-    """A module, or a list / dict holding one (not a layer's settings, e.g. a `padding` tuple
-    of pairs). Tuples are walked only as module attributes (see `_nnx_children`)."""
+    """A module, or a container (list, tuple, dict, nnx.List, nnx.Dict) holding one; not a
+    layer's settings, such as a `padding` tuple of pairs."""
     return isinstance(x, nnx.Module) or (
-        isinstance(x, (nnx.List, nnx.Dict, list, dict)) and _holds_module(x))
+        isinstance(x, (nnx.List, nnx.Dict, list, tuple, dict)) and _holds_module(x))
 
 
-def _nnx_children(node: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
+def _nnx_children(node: Any, set_node: Callable[[Any], None] | None = None
+                  ) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
     """(name, child, setter) for module attributes and the items of nnx.List / nnx.Dict and of
-    plain lists, tuples and dicts (`nnx.data([...])`), named as in `nnx.state`."""
+    plain lists, tuples and dicts (`nnx.data([...])`), named as in `nnx.state`. A tuple is
+    immutable: its items are replaced by setting a new tuple through `set_node`, its own
+    setter in its parent."""
+    if isinstance(node, tuple):
+        items = list(node)
+        for i, child in enumerate(items):
+            if _walkable(child):
+                def setter(v, i=i):
+                    items[i] = v
+                    set_node(tuple(items))
+                yield str(i), child, setter
+        return
     if isinstance(node, (nnx.List, list)):
         for i, child in enumerate(list(node)):
             if _walkable(child):
@@ -140,18 +152,7 @@ def _nnx_children(node: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]
                 yield str(k), child, lambda v, k=k: node.__setitem__(k, v)
         return
     for name, child in list(vars(node).items()):
-        if name.startswith("_"):
-            continue
-        if isinstance(child, tuple) and _holds_module(child):
-            # Immutable: an item is replaced by setting a new tuple on the module.
-            for i, item in enumerate(child):
-                if _walkable(item):
-                    def setter(v, name=name, i=i):
-                        items = list(getattr(node, name))
-                        items[i] = v
-                        setattr(node, name, tuple(items))
-                    yield f"{name}/{i}", item, setter
-        elif _walkable(child):
+        if not name.startswith("_") and _walkable(child):
             yield name, child, lambda v, name=name: setattr(node, name, v)
 
 
@@ -159,16 +160,16 @@ def _replace_nnx(model: nnx.Module, replace: Callable[[str, Any], Any | None]) -
     """Depth-first module surgery: `replace(path, module)` returns a substitute or None."""
     count = 0
 
-    def visit(node, prefix):
+    def visit(node, prefix, set_node=None):
         nonlocal count
-        for name, child, setter in _nnx_children(node):
+        for name, child, setter in _nnx_children(node, set_node):
             path = f"{prefix}/{name}" if prefix else name
             new = replace(path, child)
             if new is not None:
                 setter(new)
                 count += 1
             else:
-                visit(child, path)
+                visit(child, path, setter)
 
     visit(model, "")
     return count
@@ -464,8 +465,10 @@ def serve_nnx(
         layer_path, _, name = path.rpartition("/")
         if name == "kernel" and path not in served:
             # A quantized kernel that would silently run on float values (and float inputs).
-            layer = seen.get(layer_path.removesuffix("/layer"))
-            layer = layer.layer if isinstance(layer, QuantizedInput) else layer
+            layer = seen.get(layer_path)  # a QuantizedInput's own layer is seen at .../layer
+            if layer is None:
+                raise ValueError(f"serve_nnx: {path} is a QArray but no layer was found at "
+                                 f"{layer_path!r} (held in a container serve_nnx does not walk?)")
             raise ValueError(
                 f"serve_nnx: {path} is a QArray but its layer ({type(layer).__name__}) "
                 + ("has no integer path" if not isinstance(layer, NNX_MODULES)
