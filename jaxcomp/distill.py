@@ -103,7 +103,8 @@ def soft_target_kl(
     The T^2 factor (Hinton et al. 2015) keeps the gradient scale independent of T. The teacher
     gets no gradient. bf16/f16 logits are softmaxed in float32 (the result is float32), and an
     empty batch gives 0. Classes masked out with `-inf` teacher logits (padding, a restricted
-    vocabulary) add nothing, as 0 log 0 = 0, and the loss and gradients stay finite.
+    vocabulary) add nothing, as 0 log 0 = 0, and the loss and gradients stay finite; a NaN
+    teacher logit, or a row whose logits are all `-inf`, makes the loss NaN (it is not dropped).
 
     Args:
       student_logits: `(..., classes)`.
@@ -141,7 +142,9 @@ def soft_target_kl(
     teacher = jnp.exp(log_teacher)
     # Classes the teacher gives probability 0 (-inf logits) add 0, as 0 log 0 = 0; the inner
     # where keeps their -inf - -inf out of the values and gradients.
-    support = teacher > 0
+    # A NaN (a NaN logit, or a row with every logit -inf) stays in, so the loss is NaN rather
+    # than that row silently dropped.
+    support = (teacher > 0) | jnp.isnan(teacher)
     log_ratio = jnp.where(support, log_teacher - log_student, 0.0)
     kl = jnp.sum(jnp.where(support, teacher * log_ratio, 0.0), axis=-1)
     return temperature**2 * jnp.mean(kl)

@@ -161,3 +161,13 @@ def test_empty_batch_gives_zero_not_nan():
     assert float(distillation_loss(empty, empty, jnp.zeros((0,), jnp.int32))) == 0.0
     for normalize in (False, True):
         assert float(feature_distillation_loss(empty, empty, normalize=normalize)) == 0.0
+
+
+def test_a_nan_or_all_minus_inf_teacher_row_makes_the_loss_nan_not_dropped():
+    """A bad teacher row is not silently left out of the mean (regression: it added 0, so the
+    loss was finite and the student got no gradient for that example)."""
+    student = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]])
+    for bad in (jnp.array([jnp.nan, 0.0, 1.0]), jnp.full((3,), -jnp.inf)):
+        teacher = jnp.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]).at[1].set(bad)
+        assert bool(jnp.isnan(soft_target_kl(student, teacher, temperature=2.0)))
+        assert bool(jnp.isnan(jax.jit(soft_target_kl)(student, teacher)))
