@@ -165,6 +165,9 @@ class Report:
                          t.flops)
         total.append(
             f"{t.compression_ratio:.2f}x smaller than dense ({_human_bytes(t.dense_nbytes)})"
+            if t.compression_ratio >= 1 else
+            f"{t.nbytes / max(t.dense_nbytes, 1):.2f}x larger than dense "
+            f"({_human_bytes(t.dense_nbytes)})"
         )
         rows = [tuple(header), tuple(total), *lines]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

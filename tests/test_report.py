@@ -139,3 +139,14 @@ def test_report_fits_flops_of_a_variables_dict_and_rejects_flops_of_another_tree
     rows = {r.path: r.flops for r in report(params, flops=count).rows}
     assert rows["d/kernel"] == count.per_path["params/d/kernel"] > 0
     assert report(params, flops=count).totals.flops == count.total
+
+
+def test_a_tree_stored_larger_than_dense_says_larger():
+    """A tiny codebook stores more than its dense array: the total says 'larger', not '0.54x
+    smaller'."""
+    from jaxcomp.quant import kmeans_quantize
+
+    leaf = kmeans_quantize(jnp.array([0.0, 1.0, 2.0, 3.0, 4.0]), 4)
+    r = report({"w": leaf})
+    assert r.totals.compression_ratio < 1
+    assert f"{r.totals.nbytes / r.totals.dense_nbytes:.2f}x larger than dense" in str(r)

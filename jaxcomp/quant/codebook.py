@@ -215,7 +215,7 @@ def power_of_two_quantize(x: jax.Array, bits: int, *, path: str = "x") -> Codebo
       A `Codebook` with `method="power-of-two"`.
 
     Raises:
-      ValueError: naming `path` for bits outside 2..8, a non-float `x`, or NaN/Inf in `x`.
+      ValueError: naming `path` for bits outside 2..8, a non-float or empty `x`, or NaN/Inf in `x`.
 
     Example:
         >>> power_of_two_quantize(jnp.array([0.3, -1.0, 0.01]), bits=3).materialize()
@@ -224,6 +224,9 @@ def power_of_two_quantize(x: jax.Array, bits: int, *, path: str = "x") -> Codebo
     bits = _check_bits(bits, path)
     check_float(x, path)
     x = jnp.asarray(x)
+    if x.size == 0:
+        raise ValueError(f"{path}: cannot quantize an empty array (shape {x.shape}) to a "
+                         "power-of-two codebook")
     check_finite(x, path)
     indices, centroids = _power_of_two(x, bits)
     # The 0 level holds the tensor's exact zeros (and its smallest weights): pinned when there

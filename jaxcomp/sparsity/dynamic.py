@@ -143,10 +143,14 @@ def drop_and_grow(
     if not len(params) == len(masks) == (len(grads) if grads is not None else len(params)):
         raise ValueError(f"drop_and_grow: params, grads and masks must have one entry per leaf, "
                          f"got {len(params)}, {None if grads is None else len(grads)}, {len(masks)}")
-    for i, (p, m) in enumerate(zip(params, masks)):
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
         if jnp.shape(p) != jnp.shape(m):
             raise ValueError(f"drop_and_grow: leaf {i}: mask of shape {jnp.shape(m)} does not match "
                              f"its weights of shape {jnp.shape(p)}")
+        if g is not None and jnp.shape(g) != jnp.shape(p):
+            # A broadcast gradient would decide which weights grow.
+            raise ValueError(f"drop_and_grow: leaf {i}: gradient of shape {jnp.shape(g)} does not "
+                             f"match its weights of shape {jnp.shape(p)}")
     masks = [m.astype(bool) for m in masks]
     fraction = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
     active = [jnp.sum(m.astype(jnp.int32)) for m in masks]

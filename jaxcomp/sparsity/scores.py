@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcomp._checks import check_key
+from jaxcomp._checks import as_real, check_key
 from jaxcomp.tree import assert_same_structure, key_path_str
 
 __all__ = [
@@ -203,8 +203,10 @@ class Taylor(Score):
     needs_grads = True
 
     def __post_init__(self):
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"Taylor: decay must be in [0, 1), got {self.decay!r}")
+        decay = as_real(self.decay)
+        if decay is None or not 0.0 <= decay < 1.0:
+            raise ValueError(f"Taylor: decay must be a number in [0, 1), got {self.decay!r}")
+        object.__setattr__(self, "decay", float(decay))
 
     def init(self, params):
         return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

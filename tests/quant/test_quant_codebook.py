@@ -287,3 +287,8 @@ def test_centroids_are_cluster_means_on_large_and_constant_tensors():
         table = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), table))
     np.testing.assert_allclose(kmeans_quantize(x, 4, iters=30).centroids, table, rtol=2e-5,
                                atol=1e-6)
+
+
+def test_an_empty_tensor_is_a_value_error_naming_it_for_power_of_two_too():
+    with pytest.raises(ValueError, match="head/bias: cannot quantize an empty array"):
+        power_of_two_quantize(jnp.zeros((0, 3)), 4, path="head/bias")

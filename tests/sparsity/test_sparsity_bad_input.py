@@ -111,3 +111,14 @@ def test_array_scalars_are_numbers_and_compressed_leaves_pair_with_their_gradien
     params = {"a": q, "b": jnp.ones((2, 3))}
     grads = {"a": q, "b": jnp.ones((2, 3))}
     assert sp.saliency_scores(params, grads)["b"].shape == (2, 3)
+
+
+def test_drop_and_grow_and_taylor_reject_what_would_broadcast_or_not_compare():
+    """A gradient of another shape would be broadcast and decide which weights grow; a decay
+    given as a string or None is a ValueError, not a TypeError."""
+    w = jnp.arange(32.0).reshape(8, 4)
+    with pytest.raises(ValueError, match=r"leaf 0: gradient of shape \(4,\) does not match"):
+        sp.drop_and_grow([w], [jnp.ones(4)], [w > 10], 0.5)
+    for decay in ("0.5", None):
+        with pytest.raises(ValueError, match="Taylor: decay must be a number in"):
+            sp.Taylor(decay=decay)
