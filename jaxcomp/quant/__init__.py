@@ -36,7 +36,7 @@ from jaxcomp.quant.learned import (
 )
 from jaxcomp.quant.conv import qconv
 from jaxcomp.quant.matmul import qdot
-from jaxcomp.quant.serving import prepare_for_serving
+from jaxcomp.quant.serving import ServedOp, prepare_for_serving, serving_ops
 from jaxcomp.quant.tuning import chosen_strategies
 from jaxcomp.quant.numerics import (
     QuantParams,
@@ -73,6 +73,7 @@ __all__ = [
     "QuantParams",
     "QuantSpec",
     "RangeState",
+    "ServedOp",
     "calibrate",
     "chosen_strategies",
     "codebook_finetune",
@@ -104,5 +105,6 @@ __all__ = [
     "quantize",
     "quantize_codes",
     "quantize_tree",
+    "serving_ops",
     "unpack_bits",
 ]

@@ -9,12 +9,13 @@ accordingly (`QArray.perm`). `materialize` and every report still see the dense 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex
 
 from jaxcomp._checks import as_int
 from jaxcomp.quant import tuning
@@ -23,7 +24,7 @@ from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
 from jaxcomp.tree import Where, map_selected
 
-__all__ = ["prepare_for_serving"]
+__all__ = ["ServedOp", "prepare_for_serving", "serving_ops"]
 
 
 def prepare_for_serving(
@@ -117,3 +118,64 @@ def _choose_layout(w: QArray, batch_sizes: tuple[int, ...], activations, allow_f
         return total
 
     return tuning.measure_once(key, measure)
+
+
+class ServedOp(NamedTuple):
+    """One matmul or convolution of a traced function (see `serving_ops`).
+
+    Attributes:
+      scope: where it runs: the name stack of the trace (Flax Linen module paths such as
+        `"MLP/Dense_0"`; empty where nothing names it).
+      op: `"dot_general"` or `"conv_general_dilated"`.
+      operands: the dtypes of its two operands, e.g. `("int8", "int8")`.
+      integer: whether both operands are integers (an integer product).
+    """
+
+    scope: str
+    op: str
+    operands: tuple[str, str]
+    integer: bool
+
+
+def _ops(jaxpr: Any, scope: str) -> Iterator[ServedOp]:
+    for eqn in jaxpr.eqns:
+        stack = str(eqn.source_info.name_stack)
+        here = "/".join(part for part in (scope, stack) if part)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            dtypes = tuple(str(v.aval.dtype) for v in eqn.invars[:2])
+            yield ServedOp(here, eqn.primitive.name, dtypes,
+                           all(jnp.issubdtype(d, jnp.integer) for d in dtypes))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(sub, jex.ClosedJaxpr):
+                    yield from _ops(sub.jaxpr, here)
+                elif isinstance(sub, jex.Jaxpr):
+                    yield from _ops(sub, here)
+
+
+def serving_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[ServedOp]:
+    """Every matmul and convolution `fn(*args, **kwargs)` runs, with its operand dtypes: which
+    layers of a served model really run on integers, and which on floats (a layer left in
+    float, a spec that takes the dequantize path, a strategy measured faster in float).
+
+    `fn` is traced, not run (abstract `jax.ShapeDtypeStruct` arguments are fine). Scopes are
+    the trace's name stack: Flax Linen names its modules there, so a `serve_linen` model's ops
+    carry their layer paths; NNX modules and plain functions leave it empty.
+
+    Args:
+      fn: e.g. `serve_linen(model, act_params=...)`, or any function.
+      *args: its arguments.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      A list of `ServedOp`, in program order (a `cond` lists both branches' ops).
+
+    Example:
+        >>> from jaxcomp.quant import QuantSpec, qdot, quantize
+        >>> w = quantize(jnp.ones((4, 3)), QuantSpec(channel_axes=(-1,)))
+        >>> [(op.op, op.operands) for op in serving_ops(lambda x: qdot(x, w, strategy="int8"),
+        ...                                             jnp.ones((8, 4)))]
+        [('dot_general', ('int8', 'int8'))]
+    """
+    closed = jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
+    return list(_ops(closed.jaxpr, ""))

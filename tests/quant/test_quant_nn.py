@@ -569,3 +569,19 @@ def test_nnx_serving_that_fails_leaves_the_model_unchanged_and_names_lsq_layers(
     name = "/".join(str(part) for part in path)
     with pytest.raises(ValueError, match=f"{name}: the LSQ step must be finite and positive"):
         lsq(X)
+
+
+def test_serving_ops_say_which_layers_run_on_integers():
+    """serving_ops lists every matmul and convolution with its operand dtypes and the Linen
+    layer it belongs to: the quantized layers on int8, the others on float32."""
+    from jaxcomp.quant import serving_ops
+
+    qparams = quantize_tree(LENET_VARS["params"], WEIGHTS, where=r"(Conv_0|Dense_0)/kernel")
+    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    ops = serving_ops(serve_linen(LENET, strategy="int8"), {"params": qparams}, x)
+    by_layer = {op.scope.split("/")[-1]: op for op in ops}
+    assert {k: (v.op, v.integer) for k, v in by_layer.items()} == {
+        "Conv_0": ("conv_general_dilated", True), "Conv_1": ("conv_general_dilated", False),
+        "Dense_0": ("dot_general", True), "Dense_1": ("dot_general", False)}
+    assert by_layer["Conv_0"].operands == ("int8", "int8")
+    assert by_layer["Dense_1"].operands == ("float32", "float32")
