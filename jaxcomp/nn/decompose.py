@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -336,9 +337,36 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     elif not isinstance(kernel, _DENSE_KERNELS):
         raise ValueError(f"{path}: a Dense layer holds a {kernel.kind} kernel")
     bias = scope.get_variable("params", "bias") if module.use_bias else None
-    (x,) = args
-    x, kernel, bias = _cast(module.dtype, x, kernel, bias)
-    return factorized_apply(x, kernel, bias, precision=module.precision)
+
+    def run(x):
+        x, k, b = _cast(module.dtype, x, kernel, bias)
+        return factorized_apply(x, k, b, precision=module.precision)
+
+    # Interceptors entered after this one (inside its `with`, e.g. fake_quant_inputs) would
+    # never run, since the factors replace the layer's own call: run them around the factors.
+    later = _later_interceptors()
+    if not later:
+        (x,) = args
+        return run(x)
+
+    def chain(i, *a, **kw):
+        if i == len(later):
+            return run(a[0] if a else kw["inputs"])
+        return later[i](functools.partial(chain, i + 1), a, kw, context)
+
+    return chain(0, *args, **kwargs)
+
+
+def _later_interceptors() -> list[Any]:
+    """The Linen method interceptors entered after (inside) `intercept_factorized`'s."""
+    from flax.linen import module as linen_module
+
+    # The stack iterates from the last entered; in the order entered, the ones after ours run
+    # after it, each wrapping the next.
+    entered = list(reversed(list(getattr(linen_module, "_global_interceptor_stack", ()))))
+    if _interceptor not in entered:
+        return []
+    return entered[entered.index(_interceptor) + 1:]
 
 
 @contextlib.contextmanager

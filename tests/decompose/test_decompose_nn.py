@@ -451,3 +451,24 @@ def test_array_valued_conv_options_decompose_like_tuples():
             return self.conv(x)
 
     assert isinstance(decompose_nnx(Strided(), 2).conv, FactorizedConv)
+
+
+def test_interceptors_entered_inside_intercept_factorized_still_run():
+    """fake_quant_inputs entered inside intercept_factorized quantizes the factorized layer's
+    input as it does when entered outside (regression: the factors replaced the layer's call, so
+    interceptors entered after intercept_factorized were skipped silently)."""
+    from jaxcomp.decompose import FixedRank, decompose_tree
+    from jaxcomp.nn.quant import fake_quant_inputs
+    from jaxcomp.quant import QuantSpec, fake_quant
+
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    model = nn.Dense(12)
+    params = decompose_tree(model.init(jax.random.key(0), x)["params"], FixedRank(4))
+    k = params["kernel"]
+    want = fake_quant(x, QuantSpec(bits=4)) @ k.u @ k.v + params["bias"]
+    with fake_quant_inputs(QuantSpec(bits=4)), intercept_factorized():
+        outside = model.apply({"params": params}, x)
+    with intercept_factorized(), fake_quant_inputs(QuantSpec(bits=4)):
+        inside = model.apply({"params": params}, x)
+    np.testing.assert_allclose(outside, want, atol=1e-5)
+    np.testing.assert_allclose(inside, want, atol=1e-5)
