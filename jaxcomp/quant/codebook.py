@@ -27,7 +27,7 @@ import optax
 
 from jaxcomp._checks import as_int
 from jaxcomp.core import CompressedLeaf, bit_width, compressed_leaf, is_compressed, static_field
-from jaxcomp.quant.numerics import check_finite, check_float
+from jaxcomp.quant.numerics import check_finite, check_float, dense_leaf
 from jaxcomp.quant.qarray import pack_bits
 from jaxcomp.tree import Where, map_selected, path_dict
 
@@ -272,7 +272,8 @@ def kmeans_tree(params: Any, bits: int, *, where: Where = None, iters: int = 30)
         'Codebook'
     """
     return map_selected(
-        lambda path, leaf: kmeans_quantize(_dense(leaf), bits, iters=iters, path=path),
+        lambda path, leaf: kmeans_quantize(dense_leaf(leaf, path, "kmeans_tree"), bits, iters=iters,
+                                     path=path),
         params, where=where, with_path=True,
     )
 
@@ -286,13 +287,10 @@ def power_of_two_tree(params: Any, bits: int, *, where: Where = None) -> Any:
         Array([1., 4.], dtype=float32)
     """
     return map_selected(
-        lambda path, leaf: power_of_two_quantize(_dense(leaf), bits, path=path),
+        lambda path, leaf: power_of_two_quantize(dense_leaf(leaf, path, "power_of_two_tree"), bits,
+                                           path=path),
         params, where=where, with_path=True,
     )
-
-
-def _dense(leaf):
-    return leaf.materialize() if is_compressed(leaf) else leaf
 
 
 class CodebookFinetuneState(NamedTuple):

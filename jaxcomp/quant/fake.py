@@ -20,7 +20,6 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from jaxcomp.core import is_compressed
 from jaxcomp.quant.numerics import (
     Layout,
     QuantParams,
@@ -29,6 +28,7 @@ from jaxcomp.quant.numerics import (
     check_key,
     check_params,
     codes_from_grouped,
+    dense_leaf,
     from_grouped,
     layout,
     params_from_range,
@@ -204,7 +204,7 @@ def fake_quant_tree(
 
     def one(path, leaf):
         index = next(counter)
-        leaf = leaf.materialize() if is_compressed(leaf) else leaf
+        leaf = dense_leaf(leaf, path, "fake_quant_tree")
         leaf_key = None if key is None else jax.random.fold_in(key, index)
         return _fake_quant_checked(leaf, specs.get(path, spec), None, leaf_key, ste, path,
                                    barrier=False)

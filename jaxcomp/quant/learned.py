@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp._checks import as_real
-from jaxcomp.core import is_compressed
 from jaxcomp.quant.numerics import (
     Layout,
     QuantParams,
     check_finite,
     check_float,
     check_positive,
+    dense_leaf,
     from_grouped,
     layout,
     to_grouped,
@@ -230,7 +230,7 @@ def lsq_init_tree(params: Any, spec: QuantSpec, *, where: Where = None) -> dict[
     steps = {}
 
     def init(path, leaf):
-        leaf = leaf.materialize() if is_compressed(leaf) else leaf
+        leaf = dense_leaf(leaf, path, "lsq_init_tree")
         steps[path] = lsq_init(leaf, spec, path)
         return leaf
 
@@ -264,7 +264,7 @@ def lsq_fake_quant_tree(
         )
 
     def one(path, leaf):
-        leaf = leaf.materialize() if is_compressed(leaf) else leaf
+        leaf = dense_leaf(leaf, path, "lsq_fake_quant_tree")
         return _lsq_checked(leaf, steps[path], spec, grad_scale, path, barrier=False)
 
     return map_selected(one, params, where=lambda path, _: path in steps, with_path=True)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcomp.core import is_compressed
 
 from jaxcomp._checks import as_int, check_key
 from jaxcomp.quant.spec import QuantSpec
@@ -452,3 +454,19 @@ def dequantize_codes(
     lay = layout(q.shape, spec)
     qg = to_grouped(q, lay).astype(_compute_dtype(jnp.dtype(dtype)))
     return from_grouped(values_from_codes(qg, params), lay).astype(dtype)
+
+
+def dense_leaf(leaf: Any, path: str, caller: str) -> Any:
+    """A selected leaf as the dense array to quantize: compressed leaves are materialized,
+    except factorized kernels, whose dense rebuild would undo the decomposition silently (more
+    bytes stored, more FLOPs run): those are a `ValueError` pointing at their factors."""
+    if not is_compressed(leaf):
+        return leaf
+    from jaxcomp.decompose.leaves import Factorized  # lazy: tensorly loads with it
+
+    if isinstance(leaf, Factorized):
+        raise ValueError(
+            f"{caller}: {path} is a factorized kernel ({leaf.kind}); quantizing it would rebuild "
+            "and store the dense kernel, undoing the decomposition. Quantize its factors with "
+            "jaxcomp.decompose.map_factors(fn, tree), or leave it out of where=")
+    return leaf.materialize()

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.core import CompressedLeaf, bit_width, compressed_leaf, is_compressed, static_field
+from jaxcomp.core import CompressedLeaf, bit_width, compressed_leaf, static_field
 from jaxcomp.quant.numerics import (
     QuantParams,
     check_finite,
     check_float,
     check_key,
     check_params,
+    dense_leaf,
     dequantize_codes,
     layout,
     quant_params,
@@ -323,8 +324,7 @@ def quantize_tree(
 
     def one(path, leaf):
         index = next(counter)
-        if is_compressed(leaf):
-            leaf = leaf.materialize()
+        leaf = dense_leaf(leaf, path, "quantize_tree")
         leaf_key = None if key is None else jax.random.fold_in(key, index)
         return quantize(leaf, specs.get(path, spec), params=scales.get(path), key=leaf_key,
                         path=path)

@@ -167,3 +167,25 @@ def test_spec_rules_give_each_layer_its_spec_first_match_wins():
         quantize_tree(params, {r".*": 8})
     with pytest.raises(ValueError, match="spec must be a QuantSpec"):
         quantize_tree(params, None)
+
+
+def test_a_factorized_kernel_is_not_silently_rebuilt_dense_to_be_quantized():
+    """where=r".*kernel" on a decomposed tree selects factorized kernels: quantizing them would
+    store the dense rebuild (more bytes and FLOPs than the factors), so it is a ValueError
+    pointing at map_factors, which quantizes the factors."""
+    from jaxcomp.decompose import FixedRank, decompose_tree, map_factors
+    from jaxcomp.quant import fake_quant_tree, kmeans_tree, lsq_init_tree
+
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (16, 12)), "bias": jnp.zeros(12)}}
+    factored = decompose_tree(params, FixedRank(4))
+    spec = QuantSpec(channel_axes=(-1,))
+    for call in (lambda: quantize_tree(factored, spec, where=r".*kernel"),
+                 lambda: fake_quant_tree(factored, spec, where=r".*kernel"),
+                 lambda: kmeans_tree(factored, 4, where=r".*kernel"),
+                 lambda: lsq_init_tree(factored, spec, where=r".*kernel")):
+        with pytest.raises(ValueError, match=r"d/kernel is a factorized kernel \(SVD\); quantizing "
+                                             r"it would rebuild .*map_factors"):
+            call()
+    quantized = map_factors(lambda f: quantize(f, spec), factored)
+    assert isinstance(quantized["d"]["kernel"].u, QArray)
+    assert jaxcomp.report(quantized).totals.nbytes < jaxcomp.report(factored).totals.nbytes
