@@ -296,6 +296,17 @@ def decompose_nnx(
 
 
 def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    return _factorized_call(next_fun, args, kwargs, context, chain_later=True)
+
+
+def run_factorized_layer(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    """A Linen method interceptor's body for one layer: its factorized kernel's factors (what
+    `intercept_factorized` runs), for other interceptors such as `serve_linen`'s."""
+    return _factorized_call(next_fun, args, kwargs, context, chain_later=False)
+
+
+def _factorized_call(next_fun: Any, args: tuple, kwargs: dict, context: Any, *,
+                     chain_later: bool) -> Any:
     module = context.module
     scope = module.scope
     if scope is None:
@@ -344,10 +355,9 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
 
     # Interceptors entered after this one (inside its `with`, e.g. fake_quant_inputs) would
     # never run, since the factors replace the layer's own call: run them around the factors.
-    later = _later_interceptors()
+    later = _later_interceptors() if chain_later else []
     if not later:
-        (x,) = args
-        return run(x)
+        return run(args[0] if args else kwargs["inputs"])
 
     def chain(i, *a, **kw):
         if i == len(later):

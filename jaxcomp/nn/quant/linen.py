@@ -305,7 +305,8 @@ def serve_linen(
     and multiplied by the int8 codes with int32 sums, scales applied after. A selected layer
     whose kernel stays float but has an entry in `act_params` runs in float on its input
     fake-quantized with those ranges (what `fake_quant_inputs(params=act_params)` did in
-    calibration or QAT); with dynamic ranges, float layers run unquantized. Other compressed
+    calibration or QAT); with dynamic ranges, float layers run unquantized. A factorized kernel
+    (`jaxcomp.decompose`) runs on its factors, as under `intercept_factorized`. Other compressed
     leaves (e.g. a `Codebook` embedding) are materialized. Jit the returned function.
 
     Args:
@@ -341,6 +342,17 @@ def serve_linen(
         kernel = own.get("kernel") if hasattr(own, "get") else None
         path = _linen_path(module)
         leaf = lambda name: f"{path}/{name}" if path else f"{name} of {_error_name(path, module)}"  # noqa: E731
+        if _is_factorized(kernel):
+            # Served on its factors (dequantized factors, if quantized), as intercept_factorized
+            # runs them; a calibrated input is fake-quantized first, as for any float layer.
+            if (act_params is not None and activations is not None and path in act_params
+                    and selected(path, module)):
+                x, rebuild = _input_and_rest(args, kwargs)
+                args, kwargs = rebuild(fake_quant(x, activations, params=act_params[path],
+                                                  path=_error_name(path, module)))
+            from jaxcomp.nn.decompose import run_factorized_layer
+
+            return run_factorized_layer(next_fun, args, kwargs, context)
         if not isinstance(kernel, QArray):
             for name, value in (own.items() if hasattr(own, "items") else ()):
                 if isinstance(value, QArray):
@@ -401,11 +413,20 @@ def serve_linen(
     return apply
 
 
+def _is_factorized(leaf: Any) -> bool:
+    if not is_compressed(leaf) or isinstance(leaf, QArray):
+        return False
+    from jaxcomp.decompose.leaves import Factorized  # lazy: tensorly loads with it
+
+    return isinstance(leaf, Factorized)
+
+
 def _materialize_except_kernels(tree: Any) -> Any:
-    """Materializes compressed leaves, except `QArray` kernels (served on integers)."""
+    """Materializes compressed leaves, except `QArray` kernels (served on integers) and
+    factorized kernels (served on their factors)."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: leaf if isinstance(leaf, QArray) and _last_key(kp) == "kernel"
-        else (leaf.materialize() if is_compressed(leaf) else leaf),
+        lambda kp, leaf: leaf if (isinstance(leaf, QArray) or _is_factorized(leaf))
+        and _last_key(kp) == "kernel" else (leaf.materialize() if is_compressed(leaf) else leaf),
         tree, is_leaf=is_compressed,
     )
 
