@@ -73,14 +73,17 @@ def run_demo(
 
     Returns:
       A dict of figures: `accuracy` (the final, pruned and quantized model), `accuracy_dense`,
-      `accuracy_pruned`, `sparsity` (zeros among all params, biases included),
-      `kernel_sparsity` (among the pruned kernels), `params`, `params_bytes` (as stored),
+      `accuracy_pruned`, `sparsity` (zeros among all the served params, biases included,
+      after quantization, which can round small kept weights to zero), `sparsity_target`,
+      `kernel_sparsity` (among the pruned kernels, before quantization), `params`,
+      `params_bytes` (as stored),
       `dense_bytes`,
       `compression_ratio`, `train_seconds`, ...
 
     Raises:
       ValueError: for a sparsity outside [0, 1), bits outside 2..8, a non-positive or non-finite
-        learning rate, epochs < 1, prune_epochs < 0, a seed outside [0, 2**32), or a batch size
+        learning rate, epochs < 1, prune_epochs < 0 (or 0 with a sparsity above 0), a seed
+        outside [0, 2**32), or a batch size
         outside 1..1,438 (the training images).
 
     Example:
@@ -106,6 +109,9 @@ def run_demo(
     if epochs < 1 or prune_epochs < 0:
         raise _UsageError(f"demo epochs must be >= 1 and prune epochs >= 0, got {epochs!r} and "
                          f"{prune_epochs!r}")
+    if sparsity > 0 and prune_epochs == 0:
+        raise _UsageError(f"demo sparsity {sparsity!r} needs prune epochs >= 1 (pruning happens "
+                          "while fine-tuning); pass --sparsity 0 to skip pruning")
     if not 0 <= seed < 2**32:
         raise _UsageError(f"demo seed must be in [0, 2**32), got {seed!r}")
     data = load_digits(seed=seed)
@@ -171,6 +177,7 @@ def run_demo(
         "accuracy_dense": accuracy_dense,
         "accuracy_pruned": accuracy_pruned,
         "sparsity": size.totals.sparsity,
+        "sparsity_target": sparsity,
         "kernel_sparsity": float(sp.sparsity_of(variables["params"], where=r".*kernel").total),
         "bits": bits,
         "epochs": epochs,

@@ -58,6 +58,7 @@ def test_run_demo_rejects_bad_settings():
         (["--seed", "-1"], "seed must be in [0, 2**32)"),
         (["--seed", str(2**64)], "seed must be in [0, 2**32)"),
         (["--learning-rate", "nan"], "learning rate must be a finite number > 0"),
+        (["--prune-epochs", "0"], "sparsity 0.75 needs prune epochs >= 1"),
     ],
 )
 def test_bad_arguments_exit_with_status_2(capsys, argv, message):
