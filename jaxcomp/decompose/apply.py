@@ -201,7 +201,7 @@ def tucker2_conv(
     spec = kernel.spec
     pads = spec.resolve(x.shape[1:3], (kh, kw))
     strides = spec.strides
-    if kernel.subsamples_first(x.shape[1:3]):
+    if kernel.subsamples_first():
         # A strided 1x1 conv reads only every stride-th position: subsample before the first
         # 1x1 stage instead of projecting positions the core skips.
         x, strides = x[:, :: strides[0], :: strides[1], :], (1, 1)

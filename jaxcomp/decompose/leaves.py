@@ -141,6 +141,17 @@ class ConvSpec:
             tuple(p) for p in jax.lax.padtype_to_pads(tuple(input_hw), kernel, self.strides, self.padding)
         )
 
+    def strided_pointwise(self, kernel_hw: Sequence[int]) -> bool:
+        """Whether a `kernel_hw` kernel is a strided 1x1 with no padding (a padding string
+        resolves to none for 1x1): it reads only every stride-th input position.
+
+        Example:
+            >>> ConvSpec(strides=2).strided_pointwise((1, 1)), ConvSpec(strides=2).strided_pointwise((3, 3))
+            (True, False)
+        """
+        return (tuple(kernel_hw) == (1, 1) and self.strides != (1, 1)
+                and (isinstance(self.padding, str) or all(p == (0, 0) for p in self.padding)))
+
     def describe(self) -> str:
         pad = self.padding if isinstance(self.padding, str) else str(list(self.padding))
         text = f"stride {self.strides[0]}x{self.strides[1]} {pad}"
@@ -351,13 +362,10 @@ class Tucker2Kernel(Factorized):
     def rank(self) -> tuple[int, ...]:
         return tuple(self.core.shape[2:])
 
-    def subsamples_first(self, input_hw: Sequence[int]) -> bool:
+    def subsamples_first(self) -> bool:
         """Whether the layer is a strided 1x1 convolution without padding: its input is then
         subsampled before the first 1x1 stage, which runs on the output positions only."""
-        kh, kw = self.shape[:2]
-        pads = self.spec.resolve(tuple(input_hw), (kh, kw))
-        return ((kh, kw) == (1, 1) and self.spec.strides != (1, 1)
-                and all(p == (0, 0) for p in pads))
+        return self.spec.strided_pointwise(self.shape[:2])
 
     def flops(self, input_shape: Sequence[int]) -> int:
         n = math.prod(input_shape[:-3])
@@ -366,7 +374,7 @@ class Tucker2Kernel(Factorized):
         r_in, r_out = self.rank
         out_hw = self.spec.output_hw(in_hw, (kh, kw))
         positions_in, positions_out = n * math.prod(in_hw), n * math.prod(out_hw)
-        if self.subsamples_first(in_hw):
+        if self.subsamples_first():
             positions_in = positions_out
         total = 2 * positions_out * kh * kw * r_in * r_out
         if self.u_in is not None:

@@ -107,9 +107,8 @@ def _positions_ratio(rule: Any, path: str, kernel: Any, spec: ConvSpec,
     if getattr(kernel, "ndim", 0) != 4 or not isinstance(rule, FlopBudget):
         return spec.strides
     kernel_hw = tuple(kernel.shape[:2])
-    if isinstance(model, Tucker2Model) and kernel_hw == (1, 1) and (
-            isinstance(spec.padding, str) or all(p == (0, 0) for p in spec.padding)):
-        return (1.0, 1.0)  # a strided 1x1 is subsampled first (`Tucker2Kernel.subsamples_first`)
+    if isinstance(model, Tucker2Model) and spec.strided_pointwise(kernel_hw):
+        return (1.0, 1.0)  # subsampled before its first stage (`Tucker2Kernel.subsamples_first`)
     positions = rule.conv_positions.get(path)
     if positions is not None:
         # Over all the calls: Tucker-2's first 1x1 pays for the input positions, the rest for

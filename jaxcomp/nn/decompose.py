@@ -299,7 +299,7 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     return _factorized_call(next_fun, args, kwargs, context, chain_later=True)
 
 
-def run_factorized_layer(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+def _run_factorized_layer(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     """A Linen method interceptor's body for one layer: its factorized kernel's factors (what
     `intercept_factorized` runs), for other interceptors such as `serve_linen`'s."""
     return _factorized_call(next_fun, args, kwargs, context, chain_later=False)

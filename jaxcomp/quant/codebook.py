@@ -272,8 +272,8 @@ def kmeans_tree(params: Any, bits: int, *, where: Where = None, iters: int = 30)
         'Codebook'
     """
     return map_selected(
-        lambda path, leaf: kmeans_quantize(dense_leaf(leaf, path, "kmeans_tree"), bits, iters=iters,
-                                     path=path),
+        lambda path, leaf: kmeans_quantize(
+            dense_leaf(leaf, path, "kmeans_tree"), bits, iters=iters, path=path),
         params, where=where, with_path=True,
     )
 
@@ -287,8 +287,8 @@ def power_of_two_tree(params: Any, bits: int, *, where: Where = None) -> Any:
         Array([1., 4.], dtype=float32)
     """
     return map_selected(
-        lambda path, leaf: power_of_two_quantize(dense_leaf(leaf, path, "power_of_two_tree"), bits,
-                                           path=path),
+        lambda path, leaf: power_of_two_quantize(
+            dense_leaf(leaf, path, "power_of_two_tree"), bits, path=path),
         params, where=where, with_path=True,
     )
 

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcomp.core import is_compressed
-
 from jaxcomp._checks import as_int, check_key
+from jaxcomp.core import is_compressed
 from jaxcomp.quant.spec import QuantSpec
 
 __all__ = [
@@ -456,15 +455,23 @@ def dequantize_codes(
     return from_grouped(values_from_codes(qg, params), lay).astype(dtype)
 
 
+def is_factorized(leaf: Any) -> bool:
+    """Whether `leaf` is a factorized kernel of `jaxcomp.decompose` (imported only for a
+    compressed leaf: tensorly loads with it)."""
+    if not is_compressed(leaf):
+        return False
+    from jaxcomp.decompose.leaves import Factorized
+
+    return isinstance(leaf, Factorized)
+
+
 def dense_leaf(leaf: Any, path: str, caller: str) -> Any:
     """A selected leaf as the dense array to quantize: compressed leaves are materialized,
     except factorized kernels, whose dense rebuild would undo the decomposition silently (more
     bytes stored, more FLOPs run): those are a `ValueError` pointing at their factors."""
     if not is_compressed(leaf):
         return leaf
-    from jaxcomp.decompose.leaves import Factorized  # lazy: tensorly loads with it
-
-    if isinstance(leaf, Factorized):
+    if is_factorized(leaf):
         raise ValueError(
             f"{caller}: {path} is a factorized kernel ({leaf.kind}); quantizing it would rebuild "
             "and store the dense kernel, undoing the decomposition. Quantize its factors with "

@@ -143,7 +143,8 @@ def drop_and_grow(
     if not len(params) == len(masks) == (len(grads) if grads is not None else len(params)):
         raise ValueError(f"drop_and_grow: params, grads and masks must have one entry per leaf, "
                          f"got {len(params)}, {None if grads is None else len(grads)}, {len(masks)}")
-    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+    for i, (p, g, m) in enumerate(zip(params, grads if grads is not None else [None] * len(params),
+                                      masks)):
         if jnp.shape(p) != jnp.shape(m):
             raise ValueError(f"drop_and_grow: leaf {i}: mask of shape {jnp.shape(m)} does not match "
                              f"its weights of shape {jnp.shape(p)}")

@@ -357,8 +357,8 @@ def all_masks(
             # Each leaf keeps its best unit: the target is capped at what the others hold.
             pooled, best = zip(*(keep_best(u) for u in pooled))
             # One unit each; its size is known without a reduction unless units differ in size.
-            kept = sum(int(np.asarray(w).flat[0]) if np.all(np.asarray(w) == np.asarray(w).flat[0])
-                       else jnp.sum(jnp.where(b, w, 0)) for w, b in zip(sizes, best))
+            kept = sum(int(w.flat[0]) if np.all(w == w.flat[0]) else jnp.sum(jnp.where(b, w, 0))
+                       for w, b in zip(sizes, best))
             total = sum(int(w.sum()) for w in sizes)
             ks.append(jnp.minimum(jnp.round(targets[0] * total), total - kept))
             unit_groups += [len(ks) - 1] * len(pooled)

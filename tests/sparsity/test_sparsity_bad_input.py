@@ -1,5 +1,6 @@
 """Bad input across the sparsity API: a ValueError naming it; NumPy ints accepted as ints."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,6 +120,9 @@ def test_drop_and_grow_and_taylor_reject_what_would_broadcast_or_not_compare():
     w = jnp.arange(32.0).reshape(8, 4)
     with pytest.raises(ValueError, match=r"leaf 0: gradient of shape \(4,\) does not match"):
         sp.drop_and_grow([w], [jnp.ones(4)], [w > 10], 0.5)
+    # SET grows at random: no gradients at all is fine.
+    grown = sp.drop_and_grow([w], None, [w > 10], 0.5, key=jax.random.key(0))
+    assert int(grown[0].sum()) == int((w > 10).sum())
     for decay in ("0.5", None):
         with pytest.raises(ValueError, match="Taylor: decay must be a number in"):
             sp.Taylor(decay=decay)

@@ -25,7 +25,7 @@ from jaxcomp.quant import layers
 from jaxcomp.quant.fake import fake_quant
 from jaxcomp.quant.learned import lsq_fake_quant, lsq_init, pact_fake_quant
 from jaxcomp.quant.matmul import DEFAULT_ACTIVATIONS
-from jaxcomp.quant.numerics import QuantParams
+from jaxcomp.quant.numerics import QuantParams, is_factorized
 from jaxcomp.quant.observers import Observer, _label, calibrate
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.spec import QuantSpec
@@ -342,17 +342,6 @@ def serve_linen(
         kernel = own.get("kernel") if hasattr(own, "get") else None
         path = _linen_path(module)
         leaf = lambda name: f"{path}/{name}" if path else f"{name} of {_error_name(path, module)}"  # noqa: E731
-        if _is_factorized(kernel):
-            # Served on its factors (dequantized factors, if quantized), as intercept_factorized
-            # runs them; a calibrated input is fake-quantized first, as for any float layer.
-            if (act_params is not None and activations is not None and path in act_params
-                    and selected(path, module)):
-                x, rebuild = _input_and_rest(args, kwargs)
-                args, kwargs = rebuild(fake_quant(x, activations, params=act_params[path],
-                                                  path=_error_name(path, module)))
-            from jaxcomp.nn.decompose import run_factorized_layer
-
-            return run_factorized_layer(next_fun, args, kwargs, context)
         if not isinstance(kernel, QArray):
             for name, value in (own.items() if hasattr(own, "items") else ()):
                 if isinstance(value, QArray):
@@ -366,10 +355,14 @@ def serve_linen(
                 # the calibrated (or QAT) model did, as serve_nnx's static QuantizedInput
                 # layers do.
                 x, rebuild = _input_and_rest(args, kwargs)
-                x = fake_quant(x, activations, params=act_params[path],
-                               path=_error_name(path, module))
-                new_args, new_kwargs = rebuild(x)
-                return next_fun(*new_args, **new_kwargs)
+                args, kwargs = rebuild(fake_quant(x, activations, params=act_params[path],
+                                                  path=_error_name(path, module)))
+            if is_factorized(kernel):
+                # Served on its factors (dequantized, if quantized), as intercept_factorized runs
+                # them.
+                from jaxcomp.nn.decompose import _run_factorized_layer
+
+                return _run_factorized_layer(next_fun, args, kwargs, context)
             return next_fun(*args, **kwargs)
         if not isinstance(module, supported) or not selected(path, module):
             if not isinstance(module, supported):
@@ -413,19 +406,11 @@ def serve_linen(
     return apply
 
 
-def _is_factorized(leaf: Any) -> bool:
-    if not is_compressed(leaf) or isinstance(leaf, QArray):
-        return False
-    from jaxcomp.decompose.leaves import Factorized  # lazy: tensorly loads with it
-
-    return isinstance(leaf, Factorized)
-
-
 def _materialize_except_kernels(tree: Any) -> Any:
     """Materializes compressed leaves, except `QArray` kernels (served on integers) and
     factorized kernels (served on their factors)."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: leaf if (isinstance(leaf, QArray) or _is_factorized(leaf))
+        lambda kp, leaf: leaf if (isinstance(leaf, QArray) or is_factorized(leaf))
         and _last_key(kp) == "kernel" else (leaf.materialize() if is_compressed(leaf) else leaf),
         tree, is_leaf=is_compressed,
     )
